@@ -1,0 +1,122 @@
+// Register-tiled small matrix products for the fused CPU kernels.
+//
+//   C[M x N] (= or +=) A[M x K] . B[K x N]
+//
+// A is read through arbitrary strides (element (i, k) at A[i*rsa + k*csa]), so
+// transposed operands cost nothing; B and C are row-major with unit column
+// stride, which is the dimension the tiles vectorise over. Every function is
+// force-inlined so that each instruction-set entry point (cpu.h) compiles its
+// own copy with its own vector width: Cfg::VB bytes per vector, Cfg::MR rows by
+// Cfg::NV vectors of accumulators held in registers.
+#pragma once
+
+#include <cstddef>
+#include <cstring>
+
+#include "lowrank/cpu.h"
+
+namespace lowrank {
+
+template <int VB_, int MR_, int NV_>
+struct TileShape {
+  static constexpr int VB = VB_;
+  static constexpr int MR = MR_;
+  static constexpr int NV = NV_;
+};
+using TileAvx512 = TileShape<64, 8, 2>;  // 16 zmm accumulators of 32
+using TileAvx2 = TileShape<32, 6, 2>;    // 12 ymm accumulators of 16
+using TileBase = TileShape<16, 4, 2>;    // 8 xmm accumulators of 16
+
+template <typename T, int VB>
+struct VecOf {
+  typedef T type __attribute__((vector_size(VB)));
+};
+
+template <typename T, int VB, int MR, int NV>
+LOWRANK_ALWAYS_INLINE void gemm_tile(int K, const T* A, std::ptrdiff_t rsa, std::ptrdiff_t csa,
+                                     const T* B, std::ptrdiff_t ldb, T* C, std::ptrdiff_t ldc,
+                                     bool accumulate) {
+  using V = typename VecOf<T, VB>::type;
+  constexpr int L = VB / static_cast<int>(sizeof(T));
+  V c[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) c[i][v] = V{};
+  for (int k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) std::memcpy(&b[v], B + k * ldb + v * L, sizeof(V));
+    const T* a_col = A + k * csa;
+    for (int i = 0; i < MR; ++i) {
+      const V a = V{} + a_col[i * rsa];
+      for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NV; ++v) {
+      T* dst = C + i * ldc + v * L;
+      if (accumulate) {
+        V old;
+        std::memcpy(&old, dst, sizeof(V));
+        c[i][v] += old;
+      }
+      std::memcpy(dst, &c[i][v], sizeof(V));
+    }
+  }
+}
+
+// Columns [j0, N) that do not fill a vector: plain loops.
+template <typename T>
+LOWRANK_ALWAYS_INLINE void gemm_columns_scalar(int M, int j0, int N, int K, const T* A,
+                                               std::ptrdiff_t rsa, std::ptrdiff_t csa, const T* B,
+                                               std::ptrdiff_t ldb, T* C, std::ptrdiff_t ldc,
+                                               bool accumulate) {
+  for (int i = 0; i < M; ++i) {
+    for (int j = j0; j < N; ++j) {
+      T sum = accumulate ? C[i * ldc + j] : T(0);
+      for (int k = 0; k < K; ++k) sum += A[i * rsa + k * csa] * B[k * ldb + j];
+      C[i * ldc + j] = sum;
+    }
+  }
+}
+
+template <class Cfg, typename T, int NV>
+LOWRANK_ALWAYS_INLINE void gemm_column_panel(int M, int j, int K, const T* A, std::ptrdiff_t rsa,
+                                             std::ptrdiff_t csa, const T* B, std::ptrdiff_t ldb,
+                                             T* C, std::ptrdiff_t ldc, bool accumulate) {
+  int i = 0;
+  for (; i + Cfg::MR <= M; i += Cfg::MR)
+    gemm_tile<T, Cfg::VB, Cfg::MR, NV>(K, A + i * rsa, rsa, csa, B + j, ldb, C + i * ldc + j, ldc,
+                                       accumulate);
+  for (; i + 2 <= M; i += 2)
+    gemm_tile<T, Cfg::VB, 2, NV>(K, A + i * rsa, rsa, csa, B + j, ldb, C + i * ldc + j, ldc,
+                                 accumulate);
+  for (; i < M; ++i)
+    gemm_tile<T, Cfg::VB, 1, NV>(K, A + i * rsa, rsa, csa, B + j, ldb, C + i * ldc + j, ldc,
+                                 accumulate);
+}
+
+template <class Cfg, typename T>
+LOWRANK_ALWAYS_INLINE void gemm(int M, int N, int K, const T* A, std::ptrdiff_t rsa,
+                                std::ptrdiff_t csa, const T* B, std::ptrdiff_t ldb, T* C,
+                                std::ptrdiff_t ldc, bool accumulate) {
+  constexpr int L = Cfg::VB / static_cast<int>(sizeof(T));
+  if (K == 0) {
+    if (!accumulate)
+      for (int i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(T) * N);
+    return;
+  }
+  int j = 0;
+  for (; j + Cfg::NV * L <= N; j += Cfg::NV * L)
+    gemm_column_panel<Cfg, T, Cfg::NV>(M, j, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
+  for (; j + L <= N; j += L)
+    gemm_column_panel<Cfg, T, 1>(M, j, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
+  if (j < N) gemm_columns_scalar(M, j, N, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
+}
+
+// dst[cols x rows] = src[rows x cols]^T, both row-major.
+template <typename T>
+LOWRANK_ALWAYS_INLINE void transpose(int rows, int cols, const T* src, T* dst) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+}
+
+}  // namespace lowrank

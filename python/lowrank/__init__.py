@@ -1,0 +1,19 @@
+"""lowrank: fast structured and low-rank linear algebra for PyTorch.
+
+- ``lowrank.ops``: native ops registered with ``torch.library`` (``torch.ops.lowrank.*``),
+  each with autograd, fake (meta) kernels and a pure-PyTorch reference.
+- ``lowrank.nn``: layers built on those ops.
+- ``lowrank.linalg``: randomized decompositions and projections.
+- ``lowrank.info()``: what was built and what can run here (``python -m lowrank`` prints it).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import torch  # noqa: F401  (loads torch's OpenMP runtime before lowrank._C)
+
+from lowrank import linalg, nn, ops
+from lowrank._native import info
+
+__all__ = ["__version__", "info", "linalg", "nn", "ops"]

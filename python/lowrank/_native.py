@@ -1,0 +1,111 @@
+"""Loads the native modules and holds what every op needs to call them.
+
+``lowrank._C`` (CPU kernels) is always built; ``lowrank._cuda`` only where a
+CUDA compiler was found at build time. Both take raw pointers, sizes and (for
+CUDA) a stream, so torch enters only here in Python. ``lowrank.info()`` reports
+what was built and what can run now.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+from typing import Any
+
+import torch
+
+# Must match cpp/include/lowrank/common.h (enum class DType).
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+CPU_NATIVE_DTYPES = (torch.float32, torch.float64)
+CUDA_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tests set this so outputs start as NaN: an element a kernel forgot to write
+# then fails the comparison instead of passing by luck.
+POISON_OUTPUTS = False
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(f"lowrank.{name}"), None
+    except ImportError as error:
+        return None, str(error)
+
+
+_C, _C_ERROR = _load("_C")
+_cuda, _CUDA_ERROR = _load("_cuda")
+
+
+def cpu_module() -> ModuleType:
+    if _C is None:
+        raise ImportError(f"lowrank._C is not built or failed to load: {_C_ERROR}")
+    return _C
+
+
+def cuda_usable() -> bool:
+    """True when the CUDA module is built and torch sees a GPU."""
+    return _cuda is not None and torch.cuda.is_available()
+
+
+def native_for(t: torch.Tensor) -> ModuleType | None:
+    """The native module that runs ops for this tensor's device and dtype, or None."""
+    if t.device.type == "cpu":
+        return _C if t.dtype in CPU_NATIVE_DTYPES else None
+    if t.device.type == "cuda":
+        return _cuda if t.dtype in CUDA_NATIVE_DTYPES else None
+    return None
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_fallback(op: str, why: str) -> None:
+    """Warns once per (op, reason) that the pure-PyTorch reference runs instead."""
+    key = (op, why)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"lowrank.{op}: {why}; using the PyTorch reference implementation",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def new_output(shape: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Allocates an op output (NaN-filled while tests poison outputs)."""
+    dtype = like.dtype if dtype is None else dtype
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def cpu_threads() -> int:
+    return torch.get_num_threads()
+
+
+def cuda_stream(t: torch.Tensor) -> int:
+    """Handle of torch's current stream on t's device: kernels always run there."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def info() -> dict[str, Any]:
+    """What lowrank was built with and what can run on this machine now."""
+    from lowrank import __version__
+
+    report: dict[str, Any] = {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cpu_module": _C is not None,
+        "cpu_isa": _C.isa() if _C is not None else None,
+        "openmp": bool(getattr(_C, "openmp", False)),
+        "cuda_module": _cuda is not None,
+        "cuda_version": getattr(_cuda, "cuda_version", None),
+        "cuda_architectures": getattr(_cuda, "architectures", None),
+        "gpu_usable": cuda_usable(),
+        "gpu": torch.cuda.get_device_name() if cuda_usable() else None,
+    }
+    if _C is None:
+        report["cpu_module_error"] = _C_ERROR
+    if _cuda is None:
+        report["cuda_module_error"] = _CUDA_ERROR
+    return report

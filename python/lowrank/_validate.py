@@ -1,0 +1,89 @@
+"""Argument checks shared by every lowrank op and layer.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or
+``ValueError`` (wrong shape, size, device or range) with a message that names
+the argument and says what was expected. Native kernels receive only pointers,
+so nothing reaches them unchecked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating(name: str, value: Any) -> torch.Tensor:
+    """A tensor of a floating dtype lowrank computes in."""
+    t = tensor(name, value)
+    if t.dtype not in FLOATING:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+        )
+    return t
+
+
+def ndim(name: str, t: torch.Tensor, expected: int, meaning: str = "") -> None:
+    if t.dim() != expected:
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be {expected}-D{what}, got shape {tuple(t.shape)}")
+
+
+def min_ndim(name: str, t: torch.Tensor, expected: int, meaning: str = "") -> None:
+    if t.dim() < expected:
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(
+            f"{name} must have at least {expected} dims{what}, got shape {tuple(t.shape)}"
+        )
+
+
+def size(name: str, t: torch.Tensor, dim: int, expected: int, meaning: str) -> None:
+    if t.shape[dim] != expected:
+        raise ValueError(
+            f"{name}.shape[{dim}] must be {expected} ({meaning}), got shape {tuple(t.shape)}"
+        )
+
+
+def same_dtype(**tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                "they must match"
+            )
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "they must be on one device"
+            )
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def int_pair(name: str, value: Any) -> tuple[int, int]:
+    """A pair of positive integers, e.g. a factor shape (rows, cols)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (rows, cols), got {value!r}")
+    positive_int(f"{name}[0]", value[0])
+    positive_int(f"{name}[1]", value[1])
+    return int(value[0]), int(value[1])

@@ -1,0 +1,3 @@
+"""Randomized decompositions and projections onto structured matrices."""
+
+__all__: list[str] = []

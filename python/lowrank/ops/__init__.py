@@ -1,0 +1,10 @@
+"""Native ops, registered as ``torch.ops.lowrank.*``; one module per op family.
+
+Each module holds the schema, the CPU and CUDA kernels, the fake kernel, the
+autograd formula and the pure-PyTorch ``*_reference`` that specifies the op.
+Adding an op family is one import line here.
+"""
+
+from lowrank.ops.kron import kron_matmul, kron_matmul_reference
+
+__all__ = ["kron_matmul", "kron_matmul_reference"]

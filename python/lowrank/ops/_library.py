@@ -1,0 +1,64 @@
+"""The ``lowrank`` op namespace and the registration pattern every op follows.
+
+An op is a schema defined here plus per-device kernels registered with
+``LIB.impl`` (about 1.5 us of dispatch), a fake kernel for meta tensors and
+``torch.compile``, and an autograd kernel installed by :func:`register_autograd`.
+That kernel costs ~2 us when no input needs a gradient, against ~15 us for
+``torch.library.register_autograd`` and ~9 us for the ``custom_op`` decorator
+(measured on the 2-core CI machine, torch 2.13).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+LIB = torch.library.Library("lowrank", "FRAGMENT")
+
+_DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def define(schema: str) -> torch._ops.OpOverload:
+    """Defines ``lowrank::<schema>`` and returns its default overload."""
+    LIB.define(schema)
+    name = schema.split("(", 1)[0]
+    return getattr(torch.ops.lowrank, name).default
+
+
+def register_kernel(op: torch._ops.OpOverload, device: str) -> Callable:
+    """Decorator: registers the function as ``op``'s kernel for ``device`` ("cpu" or "cuda")."""
+
+    def wrap(fn: Callable) -> Callable:
+        LIB.impl(op._schema.name.split("::")[1], fn, _DEVICE_KEYS[device])
+        return fn
+
+    return wrap
+
+
+def register_fake(op: torch._ops.OpOverload) -> Callable:
+    """Decorator: registers the function as ``op``'s fake (meta / compile-time) kernel."""
+    return torch.library.register_fake(op._schema.name, lib=LIB)
+
+
+def register_autograd(op: torch._ops.OpOverload, function: type[torch.autograd.Function]) -> None:
+    """Routes ``op`` through ``function`` (an ``autograd.Function``) when a gradient is needed.
+
+    ``function.forward`` must call ``op`` inside :func:`below_autograd`. Without
+    any input that requires grad, the call goes straight to the device kernel.
+    """
+    after_autograd = torch._C._after_autograd_keyset
+
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and any(
+            isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args
+        ):
+            return function.apply(*args)
+        return op.redispatch(keyset & after_autograd, *args)
+
+    LIB.impl(op._schema.name.split("::")[1], kernel, "Autograd", with_keyset=True)
+
+
+def below_autograd():
+    """Context in which an op call skips the autograd kernel (inside ``Function.forward``)."""
+    return torch._C._AutoDispatchBelowAutograd()

@@ -1,0 +1,61 @@
+"""Shared test fixtures: devices, poisoned outputs, hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from lowrank import _native
+
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=150, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+HAS_GPU = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """Native outputs start as NaN, so an element a kernel never writes fails the test."""
+    previous = _native.POISON_OUTPUTS
+    _native.POISON_OUTPUTS = True
+    yield
+    _native.POISON_OUTPUTS = previous
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN never passes a comparison with it)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    err = (out - ref).norm() / ref.norm().clamp_min(1e-300)
+    return float(err) if torch.isfinite(out).all() else float("inf")
+
+
+def assert_close_lowp(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor, c=2.0):
+    """Low-precision check: |out - ref64| <= c * |ref_lowp - ref64| + atol (DESIGN.md §6)."""
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref64).abs()
+    ref_err = (ref_lowp.double() - ref64).abs()
+    atol = 1e-2 * ref64.abs().max().clamp_min(1.0)
+    assert bool((err <= c * ref_err + atol).all()), float((err - c * ref_err).max())

@@ -1,0 +1,239 @@
+"""kron_matmul and KronLinear: values, gradients, registration and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES, assert_close_lowp, relative_error
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lowrank
+from lowrank import _native
+from lowrank.nn import KronLinear
+from lowrank.nn.kron import near_square_factors
+from lowrank.ops import kron_matmul, kron_matmul_reference
+
+factor = st.integers(1, 9)
+batch_shape = st.lists(st.integers(0, 4), min_size=0, max_size=3)
+
+
+def dense(x, a, b):
+    """The definition, in float64: x @ kron(a, b)^T."""
+    return x.double() @ torch.kron(a.double(), b.double()).T
+
+
+def make(batch, p, q, r, s, dtype, device):
+    x = torch.randn(*batch, q * s, dtype=dtype, device=device)
+    a = torch.randn(p, q, dtype=dtype, device=device)
+    b = torch.randn(r, s, dtype=dtype, device=device)
+    return x, a, b
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(batch=batch_shape, p=factor, q=factor, r=factor, s=factor,
+       dtype=st.sampled_from([torch.float32, torch.float64]))  # fmt: skip
+def test_forward_matches_definition(device, batch, p, q, r, s, dtype):
+    x, a, b = make(batch, p, q, r, s, dtype, device)
+    y = kron_matmul(x, a, b)
+    assert y.shape == (*batch, p * r) and y.dtype == dtype and y.device == x.device
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert relative_error(y, dense(x, a, b)) <= tol
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 32, 32, 32), (300, 7, 40, 9, 3), (33, 2, 64, 64, 2)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_larger_shapes(device, shape):
+    tokens, p, q, r, s = shape
+    x, a, b = make((tokens,), p, q, r, s, torch.float32, device)
+    assert relative_error(kron_matmul(x, a, b), dense(x, a, b)) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_against_own_rounding(device, dtype):
+    x, a, b = make((50,), 6, 8, 5, 7, dtype, device)
+    ref64 = dense(x, a, b)
+    ref_lowp = x @ torch.kron(a, b).T
+    assert_close_lowp(kron_matmul(x, a, b), ref64, ref_lowp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(batch=batch_shape, p=factor, q=factor, r=factor, s=factor,
+       need=st.sampled_from([(True, True, True), (True, False, False), (False, True, True),
+                             (False, True, False)]))  # fmt: skip
+def test_backward_matches_autograd_of_definition(device, batch, p, q, r, s, need):
+    x, a, b = make(batch, p, q, r, s, torch.float64, device)
+    for t, flag in zip((x, a, b), need):
+        t.requires_grad_(flag)
+    grad = torch.randn(*batch, p * r, dtype=torch.float64, device=device)
+    kron_matmul(x, a, b).backward(grad)
+    x2, a2, b2 = (t.detach().clone().requires_grad_(f) for t, f in zip((x, a, b), need))
+    dense(x2, a2, b2).backward(grad)
+    for t, t2, flag in zip((x, a, b), (x2, a2, b2), need):
+        if flag:
+            assert relative_error(t.grad, t2.grad) <= 1e-12
+        else:
+            assert t.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    x, a, b = make((2, 3), 3, 2, 2, 4, torch.float64, device)
+    inputs = tuple(t.requires_grad_() for t in (x, a, b))
+    assert torch.autograd.gradcheck(kron_matmul, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [(5,), (2, 3), (0,)])
+def test_opcheck(device, batch):
+    x, a, b = make(batch, 3, 4, 2, 5, torch.float32, device)
+    torch.library.opcheck(torch.ops.lowrank.kron_matmul.default, (x, a, b))
+    x.requires_grad_()
+    a.requires_grad_()
+    torch.library.opcheck(torch.ops.lowrank.kron_matmul.default, (x, a, b))
+    grad = torch.randn(*batch, 6, device=device)
+    torch.library.opcheck(
+        torch.ops.lowrank.kron_matmul_backward.default,
+        (grad, x.detach(), a.detach(), b, True, True),
+    )
+
+
+def test_reference_is_the_definition():
+    x, a, b = make((4, 3), 2, 3, 4, 5, torch.float64, "cpu")
+    assert relative_error(kron_matmul_reference(x, a, b), dense(x, a, b)) <= 1e-13
+
+
+def test_non_contiguous_input():
+    x, a, b = make((6, 2), 3, 4, 5, 6, torch.float64, "cpu")
+    xt = x.transpose(0, 1)  # (2, 6, 24), not contiguous
+    assert relative_error(kron_matmul(xt, a.T.contiguous().T, b), dense(xt, a, b)) <= 1e-13
+
+
+def test_fallback_warns_once_and_is_correct(monkeypatch):
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "_warned", set())
+    x, a, b = make((5,), 2, 3, 4, 5, torch.float64, "cpu")
+    with pytest.warns(RuntimeWarning, match="reference"):
+        y = kron_matmul(x, a, b)
+    assert relative_error(y, dense(x, a, b)) <= 1e-13
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kron_matmul(x, a, b)
+
+
+def test_no_grad_inputs_take_no_autograd_path():
+    x, a, b = make((5,), 2, 3, 4, 5, torch.float32, "cpu")
+    assert kron_matmul(x, a, b).grad_fn is None
+    a.requires_grad_()
+    assert kron_matmul(x, a, b).grad_fn is not None
+    with torch.no_grad():
+        assert kron_matmul(x, a, b).grad_fn is None
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_args, error, match",
+    [
+        (lambda: (torch.randn(5, 11), torch.randn(2, 3), torch.randn(2, 4)), ValueError,
+         r"x.shape\[-1\] must be 12"),
+        (lambda: (torch.randn(5, 12), torch.randn(2, 3, 1), torch.randn(2, 4)), ValueError,
+         "a must be 2-D"),
+        (lambda: (torch.randn(5, 12), torch.randn(2, 3), torch.randn(8)), ValueError,
+         "b must be 2-D"),
+        (lambda: (torch.randn(5, 12), torch.randn(2, 3).double(), torch.randn(2, 4)), TypeError,
+         "dtype"),
+        (lambda: (torch.randint(0, 5, (5, 12)), torch.randn(2, 3), torch.randn(2, 4)), TypeError,
+         "x must be float"),
+        (lambda: (torch.randn(5, 12), torch.randn(2, 3), torch.ones(2, 4, dtype=torch.int32)),
+         TypeError, "b must be float"),
+        (lambda: (torch.randn(()), torch.randn(1, 1), torch.randn(1, 1)), ValueError,
+         "at least 1 dims"),
+        (lambda: (torch.randn(5, 12), torch.randn(2, 3, device="meta"), torch.randn(2, 4)),
+         ValueError, "one device"),
+    ],
+)  # fmt: skip
+def test_bad_input(make_args, error, match):
+    with pytest.raises(error, match=match):
+        kron_matmul(*make_args())
+
+
+@pytest.mark.cuda
+def test_device_mismatch_cuda():
+    with pytest.raises(ValueError, match="one device"):
+        kron_matmul(torch.randn(3, 4, device="cuda"), torch.randn(2, 2), torch.randn(2, 2))
+
+
+# ---- KronLinear ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, expected", [(1024, (32, 32)), (12, (3, 4)), (13, (1, 13)), (1, (1, 1))])
+def test_near_square_factors(n, expected):
+    assert near_square_factors(n) == expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("in_f, out_f, factors", [(64, 48, None), (13, 7, None),
+                                                  (12, 10, ((2, 3), (5, 4)))])  # fmt: skip
+def test_kron_linear_matches_dense(device, in_f, out_f, factors):
+    layer = KronLinear(in_f, out_f, factors=factors, device=device, dtype=torch.float64)
+    x = torch.randn(3, 5, in_f, dtype=torch.float64, device=device)
+    ref = F.linear(x, layer.to_dense(), layer.bias)
+    assert relative_error(layer(x), ref) <= 1e-12
+    assert layer.to_dense().shape == (out_f, in_f)
+
+
+def test_kron_linear_init_matches_linear_variance():
+    torch.manual_seed(0)
+    layer = KronLinear(1024, 1024, bias=False)
+    var = layer.to_dense().var().item()
+    assert abs(var * 3 * 1024 - 1) < 0.15
+
+
+def test_kron_linear_repr_and_bad_factors():
+    layer = KronLinear(12, 10, factors=((2, 3), (5, 4)), bias=False)
+    assert "factors=((2, 3), (5, 4))" in repr(layer) and "bias=False" in repr(layer)
+    with pytest.raises(ValueError, match="expected"):
+        KronLinear(12, 10, factors=((2, 3), (5, 5)))
+    with pytest.raises(ValueError, match="positive integer"):
+        KronLinear(0, 10)
+
+
+def test_kron_linear_trains():
+    torch.manual_seed(0)
+    layer = KronLinear(16, 16, dtype=torch.float64)
+    target = KronLinear(16, 16, dtype=torch.float64)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(256, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y = target(x)
+    first = None
+    for _ in range(300):
+        loss = F.mse_loss(layer(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 * first
+
+
+def test_compile_fullgraph():
+    layer = KronLinear(24, 20)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 24, requires_grad=True)
+    y = compiled(x)
+    assert relative_error(y, layer(x)) <= 1e-6
+    y.sum().backward()
+    assert x.grad is not None and layer.a.grad is not None
+
+
+def test_info():
+    report = lowrank.info()
+    assert report["version"] == lowrank.__version__
+    assert report["cpu_module"] is True
+    assert isinstance(report["gpu_usable"], bool)
