@@ -51,10 +51,12 @@ struct KronShape {
   }
 };
 
-// Tokens per block: the per-token intermediate of a block stays near 64 KiB.
+// Tokens per block: the per-token intermediate of a block stays near 64 KiB
+// (and no larger than the chunk needs).
 template <typename T>
-int64_t token_block(int64_t per_token_elems) {
-  return std::max<int64_t>(1, (64 * 1024 / int64_t(sizeof(T))) / std::max<int64_t>(1, per_token_elems));
+int64_t token_block(int64_t per_token_elems, int64_t tokens) {
+  const int64_t fit = (64 * 1024 / int64_t(sizeof(T))) / std::max<int64_t>(1, per_token_elems);
+  return std::max<int64_t>(1, std::min(fit, tokens));
 }
 
 template <class Cfg, typename T>
@@ -63,7 +65,7 @@ LOWRANK_ALWAYS_INLINE void forward_tokens(const KronShape& sh, int64_t t0, int64
   const int p = sh.p, q = sh.q, r = sh.r, s = sh.s;
   const int64_t in = int64_t(q) * s, out = int64_t(p) * r;
   if (sh.b_first()) {
-    const int64_t tb = token_block<T>(int64_t(q) * r);
+    const int64_t tb = token_block<T>(int64_t(q) * r, t1 - t0);
     std::vector<T> z(static_cast<size_t>(tb * q * r));
     for (int64_t t = t0; t < t1; t += tb) {
       const int64_t nb = std::min(tb, t1 - t);
@@ -73,7 +75,7 @@ LOWRANK_ALWAYS_INLINE void forward_tokens(const KronShape& sh, int64_t t0, int64
         gemm<Cfg, T>(p, r, q, a, q, 1, z.data() + u * q * r, r, y + (t + u) * out, r, false);
     }
   } else {
-    const int64_t tb = token_block<T>(int64_t(p) * s);
+    const int64_t tb = token_block<T>(int64_t(p) * s, t1 - t0);
     std::vector<T> w(static_cast<size_t>(tb * p * s));
     for (int64_t t = t0; t < t1; t += tb) {
       const int64_t nb = std::min(tb, t1 - t);
@@ -92,7 +94,7 @@ LOWRANK_ALWAYS_INLINE void backward_tokens(const KronShape& sh, int64_t t0, int6
   const int p = sh.p, q = sh.q, r = sh.r, s = sh.s;
   const int64_t in = int64_t(q) * s, out = int64_t(p) * r;
   const bool need_g = dx != nullptr || db != nullptr;
-  const int64_t tb = token_block<T>(int64_t(q) * r);
+  const int64_t tb = token_block<T>(int64_t(q) * r, t1 - t0);
   std::vector<T> g(need_g ? static_cast<size_t>(q) * r : 0);
   std::vector<T> z(da_t ? static_cast<size_t>(tb * q * r) : 0);
   std::vector<T> dy_t(da_t ? static_cast<size_t>(r) * p : 0);

@@ -1,0 +1,97 @@
+"""The one timing harness every benchmark suite uses.
+
+- CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (median over blocks).
+- CUDA: CUDA events around each call after warm-up, median of many calls, with
+  several input sets rotated so repeated calls do not run from a warm L2.
+- ``Result`` is one measured (suite, case, implementation) row; ``bench/run.py``
+  gathers them into the table, the JSON and the plot.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class Result:
+    suite: str
+    case: str
+    impl: str
+    ms: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def time_ms(
+    fn: Callable[[int], Any],
+    device: torch.device | str,
+    *,
+    rotate: int = 1,
+    min_run_time: float = 0.5,
+    warmup: int = 3,
+    cuda_reps: int = 50,
+) -> float:
+    """Median milliseconds of ``fn(i)``; ``i`` cycles over ``range(rotate)`` input sets."""
+    device = torch.device(device)
+    counter = iter(range(1 << 62))
+
+    def call() -> Any:
+        return fn(next(counter) % rotate)
+
+    for _ in range(warmup):
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(cuda_reps):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="call()", globals={"call": call})
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> int | None:
+    """Peak device memory allocated while ``fn()`` runs, above what was live before (CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure_bandwidth_gbs(device: torch.device | str) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    device = torch.device(device)
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of float32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda i: dst.copy_(src), device, min_run_time=0.3)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def measure_matmul_gflops(device: torch.device | str, dtype: torch.dtype) -> float:
+    """Rate of a large square matrix product through torch (the practical compute ceiling)."""
+    device = torch.device(device)
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda i: a @ b, device, min_run_time=0.5, cuda_reps=10)
+    return 2 * n**3 / (ms * 1e-3) / 1e9

@@ -1,0 +1,148 @@
+"""The benchmark suite: every op against its baselines, as a table, JSON and a PNG.
+
+    python bench/run.py                 # all suites on the GPU if there is one, else the CPU
+    python bench/run.py --suite kron    # one suite
+    python bench/run.py --quick         # fewer cases
+    python bench/run.py --save          # also write bench/results/<device>-<date>.{json,png}
+
+For every case the table lists each implementation's median time and the
+speed-up of lowrank over it, all measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import lowrank  # noqa: E402
+
+# One line per suite: name -> module in bench/ exposing run(device, quick) -> list[Result].
+SUITES = {
+    "dispatch": "bench_dispatch",
+    "kron": "bench_kron",
+}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+        )
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def speedups(results: list[dict]) -> None:
+    """Adds speedup = impl time / lowrank time to each row (lowrank's own is 1)."""
+    by_case = defaultdict(dict)
+    for r in results:
+        by_case[(r["suite"], r["case"])][r["impl"]] = r["ms"]
+    for r in results:
+        ours = by_case[(r["suite"], r["case"])].get("lowrank")
+        r["lowrank_speedup"] = (r["ms"] / ours) if ours else None
+
+
+def print_table(results: list[dict]) -> None:
+    header = f"{'suite':10s} {'case':44s} {'impl':22s} {'ms':>10s} {'lowrank x':>10s}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        sp = r["lowrank_speedup"]
+        sp_text = "" if sp is None or r["impl"] == "lowrank" else f"{sp:.2f}"
+        extra = "  " + ", ".join(f"{k}={v:.4g}" for k, v in r["extra"].items() if v is not None)
+        print(
+            f"{r['suite']:10s} {r['case'][:44]:44s} {r['impl'][:22]:22s} "
+            f"{r['ms']:10.4f} {sp_text:>10s}{extra if r['extra'] else ''}"
+        )
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r["impl"] != "lowrank" and r["lowrank_speedup"]]
+    if not rows:
+        return
+    labels = [f"{r['suite']}: {r['case']}\nvs {r['impl']}" for r in rows]
+    values = [r["lowrank_speedup"] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("lowrank speed-up (baseline time / lowrank time)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", action="append", choices=sorted(SUITES), help="repeatable")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--quick", action="store_true", help="fewer and smaller cases")
+    parser.add_argument("--out", type=Path, default=HERE / "out", help="folder for JSON and PNG")
+    parser.add_argument("--save", action="store_true", help="also write into bench/results/")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    results = []
+    for name in args.suite or list(SUITES):
+        module = importlib.import_module(SUITES[name])
+        print(f"running suite {name} on {device} ...", flush=True)
+        results.extend(r.as_dict() for r in module.run(device, args.quick))
+    speedups(results)
+
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    report = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "lowrank": lowrank.__version__,
+        "lowrank_info": lowrank.info(),
+        "commit": git_commit(),
+        "date": stamp.isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "results": results,
+    }
+    print()
+    print_table(results)
+    slug = f"{device.type}-{stamp:%Y-%m-%d}"
+    title = f"lowrank {lowrank.__version__} on {report['device']}, torch {torch.__version__}"
+    folders = [args.out] + ([HERE / "results"] if args.save else [])
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{slug}.json").write_text(json.dumps(report, indent=1))
+        plot(results, folder / f"{slug}.png", title)
+        print(f"wrote {folder / slug}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
