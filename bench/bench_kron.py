@@ -54,12 +54,12 @@ def run(device: torch.device, quick: bool) -> list[Result]:
         floor_ms = (tokens * (q * s + p * r) * elem) / (bandwidth * 1e9) * 1e3
         for impl, fn in IMPLS.items():
 
-            def forward(i, fn=fn):
+            def forward(i, fn=fn, sets=sets):
                 x, a, b, _ = sets[i]
                 with torch.no_grad():
                     return fn(x, a, b)
 
-            def forward_backward(i, fn=fn):
+            def forward_backward(i, fn=fn, sets=sets):
                 x, a, b, grad = sets[i]
                 x.grad = a.grad = b.grad = None
                 fn(x, a, b).backward(grad)

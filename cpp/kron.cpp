@@ -120,17 +120,17 @@ LOWRANK_ALWAYS_INLINE void backward_tokens(const KronShape& sh, int64_t t0, int6
 
 // One entry point per instruction set: the always-inline templates above are
 // compiled into each with that set's vector width.
-#define LOWRANK_KRON_ENTRIES(SUFFIX, TARGET, CFG)                                              \
-  template <typename T>                                                                        \
-  TARGET void forward_##SUFFIX(const KronShape& sh, int64_t t0, int64_t t1, const T* x,        \
-                               const T* a, const T* bt, T* y) {                                \
-    forward_tokens<CFG, T>(sh, t0, t1, x, a, bt, y);                                           \
-  }                                                                                            \
-  template <typename T>                                                                        \
-  TARGET void backward_##SUFFIX(const KronShape& sh, int64_t t0, int64_t t1, const T* dy,      \
-                                const T* x, const T* a, const T* b, const T* bt, T* dx,        \
-                                T* da_t, T* db) {                                              \
-    backward_tokens<CFG, T>(sh, t0, t1, dy, x, a, b, bt, dx, da_t, db);                        \
+#define LOWRANK_KRON_ENTRIES(SUFFIX, TARGET, CFG)                                                \
+  template <typename T>                                                                          \
+  TARGET void forward_##SUFFIX(const KronShape& sh, int64_t t0, int64_t t1, const T* x,          \
+                               const T* a, const T* bt, T* y) {                                  \
+    forward_tokens<CFG, T>(sh, t0, t1, x, a, bt, y);                                             \
+  }                                                                                              \
+  template <typename T>                                                                          \
+  TARGET void backward_##SUFFIX(const KronShape& sh, int64_t t0, int64_t t1, const T* dy,        \
+                                const T* x, const T* a, const T* b, const T* bt, T* dx, T* da_t, \
+                                T* db) {                                                         \
+    backward_tokens<CFG, T>(sh, t0, t1, dy, x, a, b, bt, dx, da_t, db);                          \
   }
 
 LOWRANK_KRON_ENTRIES(base, , TileBase)

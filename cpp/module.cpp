@@ -11,8 +11,9 @@ void bind_kron(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lowrank CPU kernels (raw pointers; validated and dispatched from Python)";
-  m.def("isa", [] { return std::string(lowrank::isa_name(lowrank::cpu_isa())); },
-        "Instruction set the CPU kernels dispatch to on this machine.");
+  m.def(
+      "isa", [] { return std::string(lowrank::isa_name(lowrank::cpu_isa())); },
+      "Instruction set the CPU kernels dispatch to on this machine.");
 #ifdef LOWRANK_OPENMP
   m.attr("openmp") = true;
 #else

@@ -52,18 +52,16 @@ __device__ __forceinline__ void stage(float* dst, const T* src, int n) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) kron_forward_kernel(const T* __restrict__ x,
-                                                                const T* __restrict__ a,
-                                                                const T* __restrict__ b,
-                                                                T* __restrict__ y, int64_t tokens,
-                                                                KronDims d) {
+__global__ void __launch_bounds__(kThreads)
+    kron_forward_kernel(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ b,
+                        T* __restrict__ y, int64_t tokens, KronDims d) {
   extern __shared__ float smem[];
   const int p = d.p, q = d.q, r = d.r, s = d.s;
-  float* as = smem;            // p x q
-  float* bts = as + p * q;     // s x r  (b transposed)
-  float* xs = bts + s * r;     // q x s
-  float* mid = xs + q * s;     // q x r or p x s
-  float* ys = mid + d.mid();   // p x r
+  float* as = smem;           // p x q
+  float* bts = as + p * q;    // s x r  (b transposed)
+  float* xs = bts + s * r;    // q x s
+  float* mid = xs + q * s;    // q x r or p x s
+  float* ys = mid + d.mid();  // p x r
   stage(as, a, p * q);
   for (int e = threadIdx.x; e < r * s; e += blockDim.x) {
     const int k = e / s, j = e - k * s;
@@ -90,19 +88,20 @@ __global__ void __launch_bounds__(kThreads) kron_forward_kernel(const T* __restr
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) kron_factor_grads_kernel(
-    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ a,
-    const T* __restrict__ b, float* __restrict__ da, float* __restrict__ db, int64_t tokens,
-    KronDims d) {
+__global__ void __launch_bounds__(kThreads)
+    kron_factor_grads_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                             const T* __restrict__ a, const T* __restrict__ b,
+                             float* __restrict__ da, float* __restrict__ db, int64_t tokens,
+                             KronDims d) {
   extern __shared__ float smem[];
   const int p = d.p, q = d.q, r = d.r, s = d.s;
-  float* as = smem;          // p x q
-  float* bs = as + p * q;    // r x s
-  float* xs = bs + r * s;    // q x s
-  float* dys = xs + q * s;   // p x r
-  float* g = dys + p * r;    // q x r: a^T dY
-  float* z = g + q * r;      // q x r: X b^T
-  float* da_acc = z + q * r; // p x q
+  float* as = smem;                // p x q
+  float* bs = as + p * q;          // r x s
+  float* xs = bs + r * s;          // q x s
+  float* dys = xs + q * s;         // p x r
+  float* g = dys + p * r;          // q x r: a^T dY
+  float* z = g + q * r;            // q x r: X b^T
+  float* da_acc = z + q * r;       // p x q
   float* db_acc = da_acc + p * q;  // r x s
   stage(as, a, p * q);
   stage(bs, b, r * s);
@@ -154,8 +153,8 @@ void kron_matmul_cuda(int dtype, std::uintptr_t x, std::uintptr_t a, std::uintpt
     const size_t bytes = size_t(d.forward_words()) * sizeof(float);
     allow_shared(kernel, bytes, device, "kron_matmul");
     const int64_t grid = std::min<int64_t>(tokens, int64_t(multiprocessors(device)) * 8);
-    kernel<<<unsigned(grid), kThreads, bytes, stream>>>(as_ptr<const T>(x), as_ptr<const T>(a),
-                                                       as_ptr<const T>(b), as_ptr<T>(y), tokens, d);
+    kernel<<<unsigned(grid), kThreads, bytes, stream>>>(
+        as_ptr<const T>(x), as_ptr<const T>(a), as_ptr<const T>(b), as_ptr<T>(y), tokens, d);
     check_launch("kron_forward_kernel");
   });
 }

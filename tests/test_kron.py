@@ -172,7 +172,9 @@ def test_device_mismatch_cuda():
 # ---- KronLinear ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n, expected", [(1024, (32, 32)), (12, (3, 4)), (13, (1, 13)), (1, (1, 1))])
+@pytest.mark.parametrize(
+    "n, expected", [(1024, (32, 32)), (12, (3, 4)), (13, (1, 13)), (1, (1, 1))]
+)
 def test_near_square_factors(n, expected):
     assert near_square_factors(n) == expected
 

@@ -29,9 +29,7 @@ def floating(name: str, value: Any) -> torch.Tensor:
     """A tensor of a floating dtype lowrank computes in."""
     t = tensor(name, value)
     if t.dtype not in FLOATING:
-        raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-        )
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     return t
 
 
@@ -62,8 +60,7 @@ def same_dtype(**tensors: torch.Tensor) -> None:
     for name, t in items[1:]:
         if t.dtype != first.dtype:
             raise TypeError(
-                f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
-                "they must match"
+                f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match"
             )
 
 

@@ -82,8 +82,8 @@ class KronLinear(nn.Module):
         # Var(kron(a, b)) = Var(a) Var(b) = 1 / (3 q s), each factor's variance
         # proportional to 1 / its fan-in. U(-h, h) has variance h^2 / 3.
         q, s = self.a.shape[1], self.b.shape[1]
-        nn.init.uniform_(self.a, -(3.0 / q) ** 0.5 / 3.0**0.25, (3.0 / q) ** 0.5 / 3.0**0.25)
-        nn.init.uniform_(self.b, -(3.0 / s) ** 0.5 / 3.0**0.25, (3.0 / s) ** 0.5 / 3.0**0.25)
+        nn.init.uniform_(self.a, -((3.0 / q) ** 0.5) / 3.0**0.25, (3.0 / q) ** 0.5 / 3.0**0.25)
+        nn.init.uniform_(self.b, -((3.0 / s) ** 0.5) / 3.0**0.25, (3.0 / s) ** 0.5 / 3.0**0.25)
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
