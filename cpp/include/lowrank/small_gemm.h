@@ -46,7 +46,7 @@ LOWRANK_ALWAYS_INLINE void gemm_tile(int K, const T* A, std::ptrdiff_t rsa, std:
     for (int v = 0; v < NV; ++v) std::memcpy(&b[v], B + k * ldb + v * L, sizeof(V));
     const T* a_col = A + k * csa;
     for (int i = 0; i < MR; ++i) {
-      const V a = V{} + a_col[i * rsa];
+      const V a = V{} + a_col[i * rsa];  // one broadcast under -fno-signed-zeros
       for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
     }
   }
