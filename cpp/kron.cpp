@@ -59,9 +59,18 @@ int64_t token_block(int64_t per_token_elems, int64_t tokens) {
   return std::max<int64_t>(1, std::min(fit, tokens));
 }
 
+// y rows [t, t + n) start as a copy of the addend's (when there is one), so the
+// last product of each block accumulates onto them in cache: no second pass.
+template <typename T>
+LOWRANK_ALWAYS_INLINE bool start_rows(T* y, const T* addend, int64_t t, int64_t n, int64_t out) {
+  if (addend == nullptr) return false;
+  if (addend != y) std::memcpy(y + t * out, addend + t * out, sizeof(T) * size_t(n * out));
+  return true;
+}
+
 template <class Cfg, typename T>
 LOWRANK_ALWAYS_INLINE void forward_tokens(const KronShape& sh, int64_t t0, int64_t t1, const T* x,
-                                          const T* a, const T* bt, T* y) {
+                                          const T* a, const T* bt, const T* addend, T* y) {
   const int p = sh.p, q = sh.q, r = sh.r, s = sh.s;
   const int64_t in = int64_t(q) * s, out = int64_t(p) * r;
   if (sh.b_first()) {
@@ -71,8 +80,9 @@ LOWRANK_ALWAYS_INLINE void forward_tokens(const KronShape& sh, int64_t t0, int64
       const int64_t nb = std::min(tb, t1 - t);
       // Z rows for the whole block: (nb*q x s) . (s x r)
       gemm<Cfg, T>(int(nb * q), r, s, x + t * in, s, 1, bt, r, z.data(), r, false);
+      const bool add = start_rows(y, addend, t, nb, out);
       for (int64_t u = 0; u < nb; ++u)
-        gemm<Cfg, T>(p, r, q, a, q, 1, z.data() + u * q * r, r, y + (t + u) * out, r, false);
+        gemm<Cfg, T>(p, r, q, a, q, 1, z.data() + u * q * r, r, y + (t + u) * out, r, add);
     }
   } else {
     const int64_t tb = token_block<T>(int64_t(p) * s, t1 - t0);
@@ -82,7 +92,8 @@ LOWRANK_ALWAYS_INLINE void forward_tokens(const KronShape& sh, int64_t t0, int64
       for (int64_t u = 0; u < nb; ++u)
         gemm<Cfg, T>(p, s, q, a, q, 1, x + (t + u) * in, s, w.data() + u * p * s, s, false);
       // Y rows for the whole block: (nb*p x s) . (s x r)
-      gemm<Cfg, T>(int(nb * p), r, s, w.data(), s, 1, bt, r, y + t * out, r, false);
+      const bool add = start_rows(y, addend, t, nb, out);
+      gemm<Cfg, T>(int(nb * p), r, s, w.data(), s, 1, bt, r, y + t * out, r, add);
     }
   }
 }
@@ -123,8 +134,8 @@ LOWRANK_ALWAYS_INLINE void backward_tokens(const KronShape& sh, int64_t t0, int6
 #define LOWRANK_KRON_ENTRIES(SUFFIX, TARGET, CFG)                                                \
   template <typename T>                                                                          \
   TARGET void forward_##SUFFIX(const KronShape& sh, int64_t t0, int64_t t1, const T* x,          \
-                               const T* a, const T* bt, T* y) {                                  \
-    forward_tokens<CFG, T>(sh, t0, t1, x, a, bt, y);                                             \
+                               const T* a, const T* bt, const T* addend, T* y) {                 \
+    forward_tokens<CFG, T>(sh, t0, t1, x, a, bt, addend, y);                                     \
   }                                                                                              \
   template <typename T>                                                                          \
   TARGET void backward_##SUFFIX(const KronShape& sh, int64_t t0, int64_t t1, const T* dy,        \
@@ -153,15 +164,19 @@ int64_t token_grain(const KronShape& sh) {
 }
 
 template <typename T>
-void forward(const KronShape& sh, const T* x, const T* a, const T* b, T* y, int threads) {
-  const std::vector<T> bt = transposed(b, sh.r, sh.s);
+void forward(const KronShape& sh, const T* x, const T* a, const T* b, const T* addend, double scale,
+             T* y, int threads) {
+  // y = addend + scale * x kron(a, b)^T; the scale is folded into b^T (r*s values).
+  std::vector<T> bt = transposed(b, sh.r, sh.s);
+  if (scale != 1.0)
+    for (T& v : bt) v *= T(scale);
   const Isa isa = cpu_isa();
   parallel_chunks(sh.tokens, threads, token_grain(sh), [&](int64_t t0, int64_t t1, int) {
 #if LOWRANK_HAS_ISA_TARGETS
-    if (isa == Isa::Avx512) return forward_avx512<T>(sh, t0, t1, x, a, bt.data(), y);
-    if (isa == Isa::Avx2) return forward_avx2<T>(sh, t0, t1, x, a, bt.data(), y);
+    if (isa == Isa::Avx512) return forward_avx512<T>(sh, t0, t1, x, a, bt.data(), addend, y);
+    if (isa == Isa::Avx2) return forward_avx2<T>(sh, t0, t1, x, a, bt.data(), addend, y);
 #endif
-    forward_base<T>(sh, t0, t1, x, a, bt.data(), y);
+    forward_base<T>(sh, t0, t1, x, a, bt.data(), addend, y);
   });
 }
 
@@ -198,17 +213,18 @@ void backward(const KronShape& sh, const T* dy, const T* x, const T* a, const T*
 void bind_kron(py::module_& m) {
   m.def(
       "kron_matmul",
-      [](int dtype, std::uintptr_t x, std::uintptr_t a, std::uintptr_t b, std::uintptr_t y,
-         int64_t tokens, int p, int q, int r, int s, int threads) {
+      [](int dtype, std::uintptr_t x, std::uintptr_t a, std::uintptr_t b, std::uintptr_t addend,
+         double scale, std::uintptr_t y, int64_t tokens, int p, int q, int r, int s, int threads) {
         const KronShape sh{tokens, p, q, r, s};
         dispatch_cpu_float(static_cast<DType>(dtype), [&](auto tag) {
           using T = decltype(tag);
-          forward<T>(sh, as_ptr<const T>(x), as_ptr<const T>(a), as_ptr<const T>(b), as_ptr<T>(y),
-                     threads);
+          forward<T>(sh, as_ptr<const T>(x), as_ptr<const T>(a), as_ptr<const T>(b),
+                     as_ptr<const T>(addend), scale, as_ptr<T>(y), threads);
         });
       },
       py::call_guard<py::gil_scoped_release>(),
-      "y = x @ kron(a, b)^T for contiguous x (tokens, q*s), a (p, q), b (r, s); y (tokens, p*r).");
+      "y = addend + scale * x @ kron(a, b)^T for contiguous x (tokens, q*s), a (p, q), b (r, s),\n"
+      "addend and y (tokens, p*r); addend 0 means none.");
   m.def(
       "kron_matmul_backward",
       [](int dtype, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t a, std::uintptr_t b,

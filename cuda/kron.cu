@@ -4,8 +4,9 @@
 //
 // Forward: each block keeps a and b^T in shared memory as float32 and walks
 // tokens grid-stride; per token, X is staged in shared memory, the intermediate
-// (Z = X b^T or W = a X, whichever is cheaper) never leaves the chip, and Y is
-// written once. Storage dtype float32/float16/bfloat16, float32 accumulation.
+// (Z = X b^T or W = a X, whichever is cheaper) never leaves the chip, and
+// y = addend + scale * Y is written once (the adapter's fused residual add).
+// Storage dtype float32/float16/bfloat16, float32 accumulation.
 //
 // Backward: dX is the forward kernel on (dY, a^T, b^T). The factor gradients
 //   da = sum_t dY_t (X_t b^T)^T,   db = sum_t (a^T dY_t)^T X_t
@@ -54,7 +55,9 @@ __device__ __forceinline__ void stage(float* dst, const T* src, int n) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     kron_forward_kernel(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ b,
-                        T* __restrict__ y, int64_t tokens, KronDims d) {
+                        const T* addend, float scale, T* y, int64_t tokens, KronDims d) {
+  // addend may alias y (in-place accumulation): each element is read before it is written,
+  // by the same thread, so neither pointer is __restrict__.
   extern __shared__ float smem[];
   const int p = d.p, q = d.q, r = d.r, s = d.s;
   float* as = smem;           // p x q
@@ -83,7 +86,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     T* yt = y + t * p * r;
-    for (int e = threadIdx.x; e < p * r; e += blockDim.x) yt[e] = from_float<T>(ys[e]);
+    const T* at = addend ? addend + t * p * r : nullptr;
+    for (int e = threadIdx.x; e < p * r; e += blockDim.x)
+      yt[e] = from_float<T>(at ? fmaf(scale, ys[e], to_float(at[e])) : scale * ys[e]);
   }
 }
 
@@ -142,8 +147,8 @@ int64_t kron_backward_smem_bytes(int p, int q, int r, int s) {
 }
 
 void kron_matmul_cuda(int dtype, std::uintptr_t x, std::uintptr_t a, std::uintptr_t b,
-                      std::uintptr_t y, int64_t tokens, int p, int q, int r, int s, int device,
-                      std::uintptr_t stream_handle) {
+                      std::uintptr_t addend, double scale, std::uintptr_t y, int64_t tokens, int p,
+                      int q, int r, int s, int device, std::uintptr_t stream_handle) {
   cudaStream_t stream = use_device(device, stream_handle);
   if (tokens == 0) return;
   const KronDims d{p, q, r, s};
@@ -153,8 +158,9 @@ void kron_matmul_cuda(int dtype, std::uintptr_t x, std::uintptr_t a, std::uintpt
     const size_t bytes = size_t(d.forward_words()) * sizeof(float);
     allow_shared(kernel, bytes, device, "kron_matmul");
     const int64_t grid = std::min<int64_t>(tokens, int64_t(multiprocessors(device)) * 8);
-    kernel<<<unsigned(grid), kThreads, bytes, stream>>>(
-        as_ptr<const T>(x), as_ptr<const T>(a), as_ptr<const T>(b), as_ptr<T>(y), tokens, d);
+    kernel<<<unsigned(grid), kThreads, bytes, stream>>>(as_ptr<const T>(x), as_ptr<const T>(a),
+                                                        as_ptr<const T>(b), as_ptr<const T>(addend),
+                                                        float(scale), as_ptr<T>(y), tokens, d);
     check_launch("kron_forward_kernel");
   });
 }

@@ -5,6 +5,16 @@ autograd formula and the pure-PyTorch ``*_reference`` that specifies the op.
 Adding an op family is one import line here.
 """
 
-from lowrank.ops.kron import kron_matmul, kron_matmul_reference
+from lowrank.ops.kron import (
+    kron_matmul,
+    kron_matmul_add,
+    kron_matmul_add_reference,
+    kron_matmul_reference,
+)
 
-__all__ = ["kron_matmul", "kron_matmul_reference"]
+__all__ = [
+    "kron_matmul",
+    "kron_matmul_add",
+    "kron_matmul_add_reference",
+    "kron_matmul_reference",
+]

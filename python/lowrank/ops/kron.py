@@ -27,6 +27,9 @@ from lowrank.ops._library import (
 )
 
 _FORWARD = define("kron_matmul(Tensor x, Tensor a, Tensor b) -> Tensor")
+_ADD = define(
+    "kron_matmul_add(Tensor base, Tensor x, Tensor a, Tensor b, float scale=1.0) -> Tensor"
+)
 _BACKWARD = define(
     "kron_matmul_backward(Tensor grad, Tensor x, Tensor a, Tensor b, bool need_x, "
     "bool need_factors) -> (Tensor, Tensor, Tensor)"
@@ -51,11 +54,31 @@ def kron_matmul(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return _FORWARD(x, a, b)
 
 
+def kron_matmul_add(
+    base: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """Returns ``base + scale * (x @ torch.kron(a, b).T)`` in one pass.
+
+    The Kronecker product is added onto ``base`` (shape ``(..., p*r)``) as it is
+    produced, so no output-sized temporary is made: the residual add of a
+    Kronecker adapter (``base`` is the frozen layer's output). Differentiable in
+    ``base``, ``x``, ``a`` and ``b``.
+    """
+    return _ADD(base, x, a, b, scale)
+
+
 def kron_matmul_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pure-PyTorch specification of :func:`kron_matmul` (also the fallback)."""
     p, q, r, s = _check(x, a, b)
     rows = x.reshape(*x.shape[:-1], q, s)
     return (a @ rows @ b.transpose(0, 1)).reshape(*x.shape[:-1], p * r)
+
+
+def kron_matmul_add_reference(
+    base: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """Pure-PyTorch specification of :func:`kron_matmul_add` (also the fallback)."""
+    return base + scale * kron_matmul_reference(x, a, b)
 
 
 def kron_matmul_backward_reference(
@@ -114,52 +137,108 @@ def _check_grad(grad: torch.Tensor, x: torch.Tensor, p: int, r: int) -> None:
         raise ValueError(f"grad must have shape {expected}, got {tuple(grad.shape)}")
 
 
+def _check_output_like(name: str, t: torch.Tensor, x: torch.Tensor, p: int, r: int) -> None:
+    """``t`` (grad or base) matches the op's output: x's dtype and device, shape (..., p*r)."""
+    check.floating(name, t)
+    check.same_dtype(**{name: t, "x": x})
+    check.same_device(**{name: t, "x": x})
+    expected = (*x.shape[:-1], p * r)
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+
+
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
     """t as a contiguous (rows, width) matrix; copies only a non-contiguous input."""
     return t.reshape(-1, width).contiguous()
 
 
-# Native kernels get raw addresses: every tensor whose address is taken must stay
-# referenced (bound to a name) until the kernel returns, so contiguous copies of the
-# factors are made first and held.
+def _native_for(x: torch.Tensor, op: str, smem_bytes: int = 0):
+    """The native module that runs ``op`` on x's device and dtype, or None (warned once)."""
+    if x.device.type == "cpu":
+        if _native._C is None:
+            _native.warn_fallback(op, "the CPU module is not built")
+        return _native._C
+    why = None
+    if _native._cuda is None:
+        why = "the CUDA module is not built"
+    elif x.dtype not in _native.CUDA_NATIVE_DTYPES:
+        why = f"no CUDA kernel for {x.dtype}"
+    else:
+        limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+        if smem_bytes > limit:
+            why = f"factors need {smem_bytes} bytes of shared memory, the GPU has {limit}"
+    if why:
+        _native.warn_fallback(op, why)
+        return None
+    return _native._cuda
 
 
-# ---- CPU -------------------------------------------------------------------------------
+def _device_args(x: torch.Tensor) -> tuple:
+    """Trailing launch arguments: CPU threads, or CUDA device and torch's current stream."""
+    if x.device.type == "cpu":
+        return (_native.cpu_threads(),)
+    return (x.device.index, _native.cuda_stream(x))
 
 
-@register_kernel(_FORWARD, "cpu")
-def _forward_cpu(x, a, b):
+def _is_upcast_on_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype not in _native.CPU_NATIVE_DTYPES
+
+
+# ---- device kernels (one function per op serves CPU and CUDA) -------------------------------
+# Native kernels get raw addresses: every tensor whose address is taken stays bound to a
+# name until the kernel returns (contiguous copies of the factors are made first and held).
+
+
+def _forward(x, a, b, base, scale, op):
     p, q, r, s = _check(x, a, b)
-    if x.dtype not in _native.CPU_NATIVE_DTYPES:
-        return _forward_cpu(x.float(), a.float(), b.float()).to(x.dtype)
-    if _native._C is None:
-        _native.warn_fallback("kron_matmul", "the CPU module is not built")
-        return kron_matmul_reference(x, a, b)
+    if base is not None:
+        _check_output_like("base", base, x, p, r)
+    if _is_upcast_on_cpu(x):
+        base32 = None if base is None else base.float()
+        return _forward(x.float(), a.float(), b.float(), base32, scale, op).to(x.dtype)
+    cuda = _native._cuda if x.device.type == "cuda" else None
+    native = _native_for(x, op, cuda.kron_forward_smem_bytes(p, q, r, s) if cuda else 0)
+    if native is None:
+        y = kron_matmul_reference(x, a, b)
+        return y if base is None else base + scale * y
     xr, a, b = _rows(x, q * s), a.contiguous(), b.contiguous()
+    base = None if base is None else base.contiguous()
     y = _native.new_output((*x.shape[:-1], p * r), x)
-    _native._C.kron_matmul(
-        _native.DTYPE_CODES[x.dtype], xr.data_ptr(), a.data_ptr(), b.data_ptr(), y.data_ptr(),
-        xr.shape[0], p, q, r, s, _native.cpu_threads(),
+    native.kron_matmul(
+        _native.DTYPE_CODES[x.dtype], xr.data_ptr(), a.data_ptr(), b.data_ptr(),
+        0 if base is None else base.data_ptr(), scale, y.data_ptr(), xr.shape[0], p, q, r, s,
+        *_device_args(x),
     )  # fmt: skip
     return y
 
 
-@register_kernel(_BACKWARD, "cpu")
-def _backward_cpu(grad, x, a, b, need_x, need_factors):
+def _forward_kernel(x, a, b):
+    return _forward(x, a, b, None, 1.0, "kron_matmul")
+
+
+def _add_kernel(base, x, a, b, scale):
+    return _forward(x, a, b, base, scale, "kron_matmul_add")
+
+
+def _backward_kernel(grad, x, a, b, need_x, need_factors):
     p, q, r, s = _check(x, a, b)
-    _check_grad(grad, x, p, r)
-    if x.dtype not in _native.CPU_NATIVE_DTYPES:
-        outs = _backward_cpu(grad.float(), x.float(), a.float(), b.float(), need_x, need_factors)
+    _check_output_like("grad", grad, x, p, r)
+    if _is_upcast_on_cpu(x):
+        outs = _backward_kernel(grad.float(), x.float(), a.float(), b.float(), need_x, need_factors)
         return tuple(o.to(x.dtype) for o in outs)
-    if _native._C is None:
-        _native.warn_fallback("kron_matmul_backward", "the CPU module is not built")
+    cuda = _native._cuda if x.device.type == "cuda" else None
+    native = _native_for(x, "kron_matmul_backward",
+                         cuda.kron_backward_smem_bytes(p, q, r, s) if cuda else 0)  # fmt: skip
+    if native is None:
         return kron_matmul_backward_reference(grad, x, a, b, need_x, need_factors)
-    gr, xr, a, b = _rows(grad, p * r), _rows(x, q * s), a.contiguous(), b.contiguous()
     empty = x.new_empty(0)
+    if x.device.type == "cuda":
+        return _backward_cuda(grad, x, a, b, need_x, need_factors, empty)
+    gr, xr, a, b = _rows(grad, p * r), _rows(x, q * s), a.contiguous(), b.contiguous()
     dx = _native.new_output(x.shape, x) if need_x else empty
     da = _native.new_output((p, q), a) if need_factors else empty
     db = _native.new_output((r, s), b) if need_factors else empty
-    _native._C.kron_matmul_backward(
+    native.kron_matmul_backward(
         _native.DTYPE_CODES[x.dtype], gr.data_ptr(), xr.data_ptr(), a.data_ptr(), b.data_ptr(),
         dx.data_ptr() if need_x else 0,
         da.data_ptr() if need_factors else 0, db.data_ptr() if need_factors else 0,
@@ -168,60 +247,26 @@ def _backward_cpu(grad, x, a, b, need_x, need_factors):
     return dx, da, db
 
 
-# ---- CUDA ------------------------------------------------------------------------------
-
-
-def _cuda_fallback_reason(x: torch.Tensor, smem_bytes: int) -> str | None:
-    if _native._cuda is None:
-        return "the CUDA module is not built"
-    if x.dtype not in _native.CUDA_NATIVE_DTYPES:
-        return f"no CUDA kernel for {x.dtype}"
-    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-    if smem_bytes > limit:
-        return f"factors need {smem_bytes} bytes of shared memory, the GPU has {limit}"
-    return None
-
-
-@register_kernel(_FORWARD, "cuda")
-def _forward_cuda(x, a, b):
-    p, q, r, s = _check(x, a, b)
-    cuda = _native._cuda
-    why = _cuda_fallback_reason(x, cuda.kron_forward_smem_bytes(p, q, r, s) if cuda else 0)
-    if why:
-        _native.warn_fallback("kron_matmul", why)
-        return kron_matmul_reference(x, a, b)
-    xr, a, b = _rows(x, q * s), a.contiguous(), b.contiguous()
-    y = _native.new_output((*x.shape[:-1], p * r), x)
-    cuda.kron_matmul(
-        _native.DTYPE_CODES[x.dtype], xr.data_ptr(), a.data_ptr(), b.data_ptr(), y.data_ptr(),
-        xr.shape[0], p, q, r, s, x.device.index, _native.cuda_stream(x),
-    )  # fmt: skip
-    return y
-
-
-@register_kernel(_BACKWARD, "cuda")
-def _backward_cuda(grad, x, a, b, need_x, need_factors):
-    p, q, r, s = _check(x, a, b)
-    _check_grad(grad, x, p, r)
-    cuda = _native._cuda
-    why = _cuda_fallback_reason(x, cuda.kron_backward_smem_bytes(p, q, r, s) if cuda else 0)
-    if why:
-        _native.warn_fallback("kron_matmul_backward", why)
-        return kron_matmul_backward_reference(grad, x, a, b, need_x, need_factors)
-    empty = x.new_empty(0)
+def _backward_cuda(grad, x, a, b, need_x, need_factors, empty):
+    p, q, r, s = (*a.shape, *b.shape)
     # dX = dY @ kron(a^T, b^T)^T: the forward kernel on transposed factors.
-    dx = _forward_cuda(grad, a.t().contiguous(), b.t().contiguous()) if need_x else empty
+    dx = _forward_kernel(grad, a.t().contiguous(), b.t().contiguous()) if need_x else empty
     if not need_factors:
         return dx, empty, empty
     gr, xr, a, b = _rows(grad, p * r), _rows(x, q * s), a.contiguous(), b.contiguous()
     da = torch.zeros((p, q), dtype=torch.float32, device=x.device)
     db = torch.zeros((r, s), dtype=torch.float32, device=x.device)
-    cuda.kron_factor_grads(
+    _native._cuda.kron_factor_grads(
         _native.DTYPE_CODES[x.dtype], gr.data_ptr(), xr.data_ptr(), a.data_ptr(), b.data_ptr(),
-        da.data_ptr(), db.data_ptr(), xr.shape[0], p, q, r, s, x.device.index,
-        _native.cuda_stream(x),
+        da.data_ptr(), db.data_ptr(), xr.shape[0], p, q, r, s, *_device_args(x),
     )  # fmt: skip
     return dx, da.to(a.dtype), db.to(b.dtype)
+
+
+for _device in ("cpu", "cuda"):
+    register_kernel(_FORWARD, _device)(_forward_kernel)
+    register_kernel(_ADD, _device)(_add_kernel)
+    register_kernel(_BACKWARD, _device)(_backward_kernel)
 
 
 # ---- fake kernels and autograd ------------------------------------------------------------
@@ -233,15 +278,33 @@ def _forward_fake(x, a, b):
     return x.new_empty((*x.shape[:-1], p * r))
 
 
+@register_fake(_ADD)
+def _add_fake(base, x, a, b, scale):
+    p, _, r, _ = _check(x, a, b)
+    _check_output_like("base", base, x, p, r)
+    return x.new_empty((*x.shape[:-1], p * r))
+
+
 @register_fake(_BACKWARD)
 def _backward_fake(grad, x, a, b, need_x, need_factors):
     p, q, r, s = _check(x, a, b)
-    _check_grad(grad, x, p, r)
+    _check_output_like("grad", grad, x, p, r)
     empty = x.new_empty(0)
     dx = x.new_empty(x.shape) if need_x else empty
     if not need_factors:
         return dx, empty, empty
     return dx, a.new_empty((p, q)), b.new_empty((r, s))
+
+
+def _grads(grad, x, a, b, scale, needs):
+    """Gradients of scale * kron_matmul(x, a, b) for the (x, a, b) flags in needs."""
+    need_x, need_a, need_b = needs
+    # Folding scale into b scales dx and da; db does not involve b, so it is scaled after.
+    b_scaled = b if scale == 1.0 else b * scale
+    dx, da, db = _BACKWARD(grad, x, a, b_scaled, need_x, need_a or need_b)
+    if need_b and scale != 1.0:
+        db = db * scale
+    return (dx if need_x else None, da if need_a else None, db if need_b else None)
 
 
 class _KronMatmul(torch.autograd.Function):
@@ -256,9 +319,26 @@ class _KronMatmul(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, a, b = ctx.saved_tensors
-        need_x, need_a, need_b = ctx.needs_input_grad
-        dx, da, db = _BACKWARD(grad, x, a, b, need_x, need_a or need_b)
-        return (dx if need_x else None, da if need_a else None, db if need_b else None)
+        return _grads(grad, x, a, b, 1.0, ctx.needs_input_grad)
+
+
+class _KronMatmulAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base, x, a, b, scale):
+        with below_autograd():
+            y = _ADD(base, x, a, b, scale)
+        ctx.save_for_backward(x, a, b)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, a, b = ctx.saved_tensors
+        need_base = ctx.needs_input_grad[0]
+        grads = _grads(grad, x, a, b, ctx.scale, ctx.needs_input_grad[1:4])
+        return (grad if need_base else None, *grads, None)
 
 
 register_autograd(_FORWARD, _KronMatmul)
+register_autograd(_ADD, _KronMatmulAdd)
