@@ -1,3 +1,5 @@
 """Randomized decompositions and projections onto structured matrices."""
 
-__all__: list[str] = []
+from lowrank.linalg.kronecker import KroneckerFactors, kron_rearrange, nearest_kronecker
+
+__all__ = ["KroneckerFactors", "kron_rearrange", "nearest_kronecker"]

@@ -1,8 +1,11 @@
-"""``KronLinear``: a linear layer whose weight is ``kron(a, b)``.
+"""``KronLinear``: a linear layer whose weight is a sum of Kronecker products.
 
 A weight of shape ``(out, in) = (p*r, q*s)`` stored as ``a`` ``(p, q)`` and
 ``b`` ``(r, s)`` holds ``p*q + r*s`` parameters instead of ``p*q*r*s`` and is
-applied by :func:`lowrank.ops.kron_matmul` without forming it.
+applied by :func:`lowrank.ops.kron_matmul` without forming it. With
+``terms=n`` the weight is ``sum_k kron(a[k], b[k])``, the parameterised
+hypercomplex (PHM) layer of Compacter (Mahabadi et al. 2021); the terms are
+accumulated by :func:`lowrank.ops.kron_matmul_add`, with no temporaries.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import torch
 from torch import nn
 
 from lowrank import _validate as check
-from lowrank.ops.kron import kron_matmul
+from lowrank.linalg.kronecker import nearest_kronecker
+from lowrank.ops.kron import kron_matmul, kron_matmul_add
 
 
 def near_square_factors(n: int) -> tuple[int, int]:
@@ -28,8 +32,25 @@ def near_square_factors(n: int) -> tuple[int, int]:
     return f, n // f
 
 
+def _factor_shapes(in_features, out_features, factors):
+    if factors is None:
+        p, r = near_square_factors(out_features)
+        q, s = near_square_factors(in_features)
+        return (p, q), (r, s)
+    if not isinstance(factors, (tuple, list)) or len(factors) != 2:
+        raise ValueError(f"factors must be ((p, q), (r, s)), got {factors!r}")
+    p, q = check.int_pair("factors[0]", factors[0])
+    r, s = check.int_pair("factors[1]", factors[1])
+    if p * r != out_features or q * s != in_features:
+        raise ValueError(
+            f"factors ({p}, {q}) x ({r}, {s}) give a ({p * r}, {q * s}) weight, "
+            f"expected (out_features, in_features) = ({out_features}, {in_features})"
+        )
+    return (p, q), (r, s)
+
+
 class KronLinear(nn.Module):
-    """``y = x @ kron(a, b).T + bias`` with ``a`` ``(p, q)`` and ``b`` ``(r, s)``.
+    """``y = x @ W.T + bias`` with ``W = kron(a, b)`` (or ``sum_k kron(a[k], b[k])``).
 
     Args:
         in_features: ``q * s``.
@@ -37,9 +58,11 @@ class KronLinear(nn.Module):
         factors: ``((p, q), (r, s))``; by default the near-square split of both
             sizes (``p <= r``, ``q <= s``).
         bias: learn an additive bias.
+        terms: number of Kronecker products summed. With one term ``a`` is ``(p, q)``
+            and ``b`` is ``(r, s)``; with more they are ``(terms, p, q)`` and ``(terms, r, s)``.
 
-    Initialisation keeps the variance of the full product equal to that of
-    ``nn.Linear``'s weight, ``1 / (3 * in_features)``, split evenly between the factors.
+    Initialisation gives ``W`` the variance of ``nn.Linear``'s weight,
+    ``1 / (3 * in_features)``, split evenly between the factors and the terms.
     """
 
     def __init__(
@@ -48,57 +71,93 @@ class KronLinear(nn.Module):
         out_features: int,
         factors: tuple[tuple[int, int], tuple[int, int]] | None = None,
         bias: bool = True,
+        terms: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check.positive_int("in_features", in_features)
         check.positive_int("out_features", out_features)
-        if factors is None:
-            p, r = near_square_factors(out_features)
-            q, s = near_square_factors(in_features)
-        else:
-            if not isinstance(factors, (tuple, list)) or len(factors) != 2:
-                raise ValueError(f"factors must be ((p, q), (r, s)), got {factors!r}")
-            p, q = check.int_pair("factors[0]", factors[0])
-            r, s = check.int_pair("factors[1]", factors[1])
-            if p * r != out_features or q * s != in_features:
-                raise ValueError(
-                    f"factors ({p}, {q}) x ({r}, {s}) give a ({p * r}, {q * s}) weight, "
-                    f"expected (out_features, in_features) = ({out_features}, {in_features})"
-                )
-        self.in_features, self.out_features = in_features, out_features
+        check.positive_int("terms", terms)
+        (p, q), (r, s) = _factor_shapes(in_features, out_features, factors)
+        self.in_features, self.out_features, self.terms = in_features, out_features, terms
+        lead = () if terms == 1 else (terms,)
         kw = {"device": device, "dtype": dtype}
-        self.a = nn.Parameter(torch.empty(p, q, **kw))
-        self.b = nn.Parameter(torch.empty(r, s, **kw))
+        self.a = nn.Parameter(torch.empty(*lead, p, q, **kw))
+        self.b = nn.Parameter(torch.empty(*lead, r, s, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.reset_parameters()
 
     @property
     def factors(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        return tuple(self.a.shape), tuple(self.b.shape)
+        return tuple(self.a.shape[-2:]), tuple(self.b.shape[-2:])
 
     def reset_parameters(self) -> None:
-        # Var(kron(a, b)) = Var(a) Var(b) = 1 / (3 q s), each factor's variance
-        # proportional to 1 / its fan-in. U(-h, h) has variance h^2 / 3.
-        q, s = self.a.shape[1], self.b.shape[1]
-        nn.init.uniform_(self.a, -((3.0 / q) ** 0.5) / 3.0**0.25, (3.0 / q) ** 0.5 / 3.0**0.25)
-        nn.init.uniform_(self.b, -((3.0 / s) ** 0.5) / 3.0**0.25, (3.0 / s) ** 0.5 / 3.0**0.25)
+        # Var(sum_k kron(a_k, b_k)) = terms * Var(a) Var(b) = 1 / (3 q s), each factor's
+        # variance proportional to 1 / its fan-in. U(-h, h) has variance h^2 / 3.
+        q, s = self.a.shape[-1], self.b.shape[-1]
+        spread = (3.0 * self.terms) ** 0.25
+        nn.init.uniform_(self.a, -((3.0 / q) ** 0.5) / spread, (3.0 / q) ** 0.5 / spread)
+        nn.init.uniform_(self.b, -((3.0 / s) ** 0.5) / spread, (3.0 / s) ** 0.5 / spread)
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kron_matmul(x, self.a, self.b)
+        if self.terms == 1:
+            y = kron_matmul(x, self.a, self.b)
+        else:
+            y = kron_matmul(x, self.a[0], self.b[0])
+            for k in range(1, self.terms):
+                y = kron_matmul_add(y, x, self.a[k], self.b[k])
         return y if self.bias is None else y.add_(self.bias)
 
     def to_dense(self) -> torch.Tensor:
-        """The ``(out_features, in_features)`` weight ``kron(a, b)``."""
-        return torch.kron(self.a, self.b)
+        """The ``(out_features, in_features)`` weight."""
+        if self.terms == 1:
+            return torch.kron(self.a, self.b)
+        return sum(torch.kron(self.a[k], self.b[k]) for k in range(self.terms))
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear_or_weight: nn.Linear | torch.Tensor,
+        factors: tuple[tuple[int, int], tuple[int, int]] | None = None,
+        terms: int = 1,
+    ) -> KronLinear:
+        """The ``KronLinear`` closest to a dense layer or ``(out, in)`` weight in Frobenius norm.
+
+        Uses :func:`lowrank.linalg.nearest_kronecker`; a Linear's bias is copied. The
+        relative error ``||W - W_kron||_F / ||W||_F`` is stored as ``projection_error``.
+        """
+        if isinstance(linear_or_weight, nn.Linear):
+            weight, bias = linear_or_weight.weight, linear_or_weight.bias
+        elif isinstance(linear_or_weight, torch.Tensor):
+            weight, bias = linear_or_weight, None
+        else:
+            raise TypeError(
+                "linear_or_weight must be an nn.Linear or an (out, in) tensor, "
+                f"got {type(linear_or_weight).__name__}"
+            )
+        check.floating("weight", weight)
+        check.ndim("weight", weight, 2, "(out_features, in_features)")
+        out_features, in_features = weight.shape
+        a_shape, b_shape = _factor_shapes(in_features, out_features, factors)
+        with torch.no_grad():
+            fit = nearest_kronecker(weight.detach(), a_shape, b_shape, terms)
+            layer = cls(in_features, out_features, (a_shape, b_shape), bias is not None, terms,
+                        device=weight.device, dtype=weight.dtype)  # fmt: skip
+            layer.a.copy_(fit.a[0] if terms == 1 else fit.a)
+            layer.b.copy_(fit.b[0] if terms == 1 else fit.b)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.projection_error = fit.relative_error
+        return layer
 
     def extra_repr(self) -> str:
         (p, q), (r, s) = self.factors
+        terms = f", terms={self.terms}" if self.terms > 1 else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"factors=(({p}, {q}), ({r}, {s})), bias={self.bias is not None}"
+            f"factors=(({p}, {q}), ({r}, {s})){terms}, bias={self.bias is not None}"
         )

@@ -8,6 +8,7 @@ Adding an op family is one import line here.
 from lowrank.ops.kron import (
     kron_matmul,
     kron_matmul_add,
+    kron_matmul_add_,
     kron_matmul_add_reference,
     kron_matmul_reference,
 )
@@ -15,6 +16,7 @@ from lowrank.ops.kron import (
 __all__ = [
     "kron_matmul",
     "kron_matmul_add",
+    "kron_matmul_add_",
     "kron_matmul_add_reference",
     "kron_matmul_reference",
 ]

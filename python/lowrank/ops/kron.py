@@ -30,6 +30,9 @@ _FORWARD = define("kron_matmul(Tensor x, Tensor a, Tensor b) -> Tensor")
 _ADD = define(
     "kron_matmul_add(Tensor base, Tensor x, Tensor a, Tensor b, float scale=1.0) -> Tensor"
 )
+_ADD_INPLACE = define(
+    "kron_matmul_add_(Tensor(a!) base, Tensor x, Tensor a, Tensor b, float scale=1.0) -> ()"
+)
 _BACKWARD = define(
     "kron_matmul_backward(Tensor grad, Tensor x, Tensor a, Tensor b, bool need_x, "
     "bool need_factors) -> (Tensor, Tensor, Tensor)"
@@ -65,6 +68,19 @@ def kron_matmul_add(
     ``base``, ``x``, ``a`` and ``b``.
     """
     return _ADD(base, x, a, b, scale)
+
+
+def kron_matmul_add_(
+    base: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """In place: ``base += scale * (x @ torch.kron(a, b).T)``; returns ``base``.
+
+    For inference: nothing output-sized is allocated when ``base`` is contiguous.
+    Not differentiable (it raises when an input requires grad); training uses
+    :func:`kron_matmul_add`.
+    """
+    _ADD_INPLACE(base, x, a, b, scale)
+    return base
 
 
 def kron_matmul_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -216,8 +232,28 @@ def _forward_kernel(x, a, b):
     return _forward(x, a, b, None, 1.0, "kron_matmul")
 
 
-def _add_kernel(base, x, a, b, scale):
+def _add_kernel(base, x, a, b, scale=1.0):
     return _forward(x, a, b, base, scale, "kron_matmul_add")
+
+
+def _add_inplace_kernel(base, x, a, b, scale=1.0):
+    p, q, r, s = _check(x, a, b)
+    _check_output_like("base", base, x, p, r)
+    cuda = _native._cuda if x.device.type == "cuda" else None
+    smem = cuda.kron_forward_smem_bytes(p, q, r, s) if cuda else 0
+    if _is_upcast_on_cpu(x) or not base.is_contiguous():
+        base.copy_(_forward(x, a, b, base, scale, "kron_matmul_add_"))
+        return
+    native = _native_for(x, "kron_matmul_add_", smem)
+    if native is None:
+        base.add_(kron_matmul_reference(x, a, b), alpha=scale)
+        return
+    xr, a, b = _rows(x, q * s), a.contiguous(), b.contiguous()
+    # The kernels read each base element before writing it, so base is addend and output.
+    native.kron_matmul(
+        _native.DTYPE_CODES[x.dtype], xr.data_ptr(), a.data_ptr(), b.data_ptr(), base.data_ptr(),
+        scale, base.data_ptr(), xr.shape[0], p, q, r, s, *_device_args(x),
+    )  # fmt: skip
 
 
 def _backward_kernel(grad, x, a, b, need_x, need_factors):
@@ -266,6 +302,7 @@ def _backward_cuda(grad, x, a, b, need_x, need_factors, empty):
 for _device in ("cpu", "cuda"):
     register_kernel(_FORWARD, _device)(_forward_kernel)
     register_kernel(_ADD, _device)(_add_kernel)
+    register_kernel(_ADD_INPLACE, _device)(_add_inplace_kernel)
     register_kernel(_BACKWARD, _device)(_backward_kernel)
 
 
@@ -279,10 +316,16 @@ def _forward_fake(x, a, b):
 
 
 @register_fake(_ADD)
-def _add_fake(base, x, a, b, scale):
+def _add_fake(base, x, a, b, scale=1.0):
     p, _, r, _ = _check(x, a, b)
     _check_output_like("base", base, x, p, r)
     return x.new_empty((*x.shape[:-1], p * r))
+
+
+@register_fake(_ADD_INPLACE)
+def _add_inplace_fake(base, x, a, b, scale=1.0):
+    p, _, r, _ = _check(x, a, b)
+    _check_output_like("base", base, x, p, r)
 
 
 @register_fake(_BACKWARD)
@@ -324,7 +367,7 @@ class _KronMatmul(torch.autograd.Function):
 
 class _KronMatmulAdd(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, base, x, a, b, scale):
+    def forward(ctx, base, x, a, b, scale=1.0):
         with below_autograd():
             y = _ADD(base, x, a, b, scale)
         ctx.save_for_backward(x, a, b)
@@ -340,5 +383,15 @@ class _KronMatmulAdd(torch.autograd.Function):
         return (grad if need_base else None, *grads, None)
 
 
+class _KronMatmulAddInplace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        raise RuntimeError(
+            "lowrank.ops.kron_matmul_add_ is not differentiable; use kron_matmul_add when "
+            "gradients are needed"
+        )
+
+
 register_autograd(_FORWARD, _KronMatmul)
 register_autograd(_ADD, _KronMatmulAdd)
+register_autograd(_ADD_INPLACE, _KronMatmulAddInplace)
