@@ -33,6 +33,7 @@ import lowrank  # noqa: E402
 SUITES = {
     "dispatch": "bench_dispatch",
     "kron": "bench_kron",
+    "kron_adapter": "bench_kron_adapter",
 }
 
 

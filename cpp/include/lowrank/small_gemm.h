@@ -78,20 +78,35 @@ LOWRANK_ALWAYS_INLINE void gemm_columns_scalar(int M, int j0, int N, int K, cons
   }
 }
 
-template <class Cfg, typename T, int NV>
+template <class Cfg, typename T, int VB, int NV>
 LOWRANK_ALWAYS_INLINE void gemm_column_panel(int M, int j, int K, const T* A, std::ptrdiff_t rsa,
                                              std::ptrdiff_t csa, const T* B, std::ptrdiff_t ldb,
                                              T* C, std::ptrdiff_t ldc, bool accumulate) {
   int i = 0;
   for (; i + Cfg::MR <= M; i += Cfg::MR)
-    gemm_tile<T, Cfg::VB, Cfg::MR, NV>(K, A + i * rsa, rsa, csa, B + j, ldb, C + i * ldc + j, ldc,
-                                       accumulate);
+    gemm_tile<T, VB, Cfg::MR, NV>(K, A + i * rsa, rsa, csa, B + j, ldb, C + i * ldc + j, ldc,
+                                  accumulate);
   for (; i + 2 <= M; i += 2)
-    gemm_tile<T, Cfg::VB, 2, NV>(K, A + i * rsa, rsa, csa, B + j, ldb, C + i * ldc + j, ldc,
-                                 accumulate);
+    gemm_tile<T, VB, 2, NV>(K, A + i * rsa, rsa, csa, B + j, ldb, C + i * ldc + j, ldc, accumulate);
   for (; i < M; ++i)
-    gemm_tile<T, Cfg::VB, 1, NV>(K, A + i * rsa, rsa, csa, B + j, ldb, C + i * ldc + j, ldc,
-                                 accumulate);
+    gemm_tile<T, VB, 1, NV>(K, A + i * rsa, rsa, csa, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+}
+
+// Columns [j, N) narrower than a full vector: halve the vector width down to
+// 16 bytes (so e.g. N = 8 floats still runs on 8-lane vectors), then plain loops.
+template <class Cfg, typename T, int VB>
+LOWRANK_ALWAYS_INLINE void gemm_narrow_columns(int M, int j, int N, int K, const T* A,
+                                               std::ptrdiff_t rsa, std::ptrdiff_t csa, const T* B,
+                                               std::ptrdiff_t ldb, T* C, std::ptrdiff_t ldc,
+                                               bool accumulate) {
+  if constexpr (VB >= 16 && VB >= int(2 * sizeof(T))) {
+    constexpr int L = VB / static_cast<int>(sizeof(T));
+    for (; j + L <= N; j += L)
+      gemm_column_panel<Cfg, T, VB, 1>(M, j, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
+    gemm_narrow_columns<Cfg, T, VB / 2>(M, j, N, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
+  } else if (j < N) {
+    gemm_columns_scalar(M, j, N, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
+  }
 }
 
 template <class Cfg, typename T>
@@ -106,10 +121,8 @@ LOWRANK_ALWAYS_INLINE void gemm(int M, int N, int K, const T* A, std::ptrdiff_t 
   }
   int j = 0;
   for (; j + Cfg::NV * L <= N; j += Cfg::NV * L)
-    gemm_column_panel<Cfg, T, Cfg::NV>(M, j, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
-  for (; j + L <= N; j += L)
-    gemm_column_panel<Cfg, T, 1>(M, j, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
-  if (j < N) gemm_columns_scalar(M, j, N, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
+    gemm_column_panel<Cfg, T, Cfg::VB, Cfg::NV>(M, j, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
+  gemm_narrow_columns<Cfg, T, Cfg::VB>(M, j, N, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
 }
 
 // dst[cols x rows] = src[rows x cols]^T, both row-major.
