@@ -48,15 +48,27 @@ def register_autograd(op: torch._ops.OpOverload, function: type[torch.autograd.F
     any input that requires grad, the call goes straight to the device kernel.
     """
     after_autograd = torch._C._after_autograd_keyset
+    handle = op._handle
+    grad_enabled = torch.is_grad_enabled
+    tensor_positions = tuple(
+        i for i, arg in enumerate(op._schema.arguments) if _is_tensor_type(arg.type)
+    )
 
     def kernel(keyset, *args):
-        if torch.is_grad_enabled() and any(
-            isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args
-        ):
-            return function.apply(*args)
-        return op.redispatch(keyset & after_autograd, *args)
+        if grad_enabled():
+            for i in tensor_positions:
+                if i < len(args) and args[i] is not None and args[i].requires_grad:
+                    return function.apply(*args)
+        return handle.redispatch_boxed(keyset & after_autograd, *args)
 
     LIB.impl(op._schema.name.split("::")[1], kernel, "Autograd", with_keyset=True)
+
+
+def _is_tensor_type(t) -> bool:
+    """Tensor or Tensor? in a schema (the arguments that can require grad)."""
+    if isinstance(t, torch.OptionalType):
+        t = t.getElementType()
+    return isinstance(t, torch.TensorType)
 
 
 def below_autograd():
