@@ -12,12 +12,13 @@
 //
 // Backward, for dY (T, p*r) viewed per token as p x r:
 //   G  = a^T dY         (q x r)   shared by dX and db
-//   dX = G b            (q x s)
-//   db += G^T X         (r x s)
-//   Z  = X b^T          (q x r)   recomputed, never saved by forward
-//   da^T += Z dY^T      (q x p)
-// Five small products per token against two for forward; dA and db are
-// accumulated per thread and reduced once.
+//   dX = G b            (q x s)   one tall product per token block
+//   db += G^T X         (r x s)   one product over K = tokens*q per block
+//   Z  = X b^T          (q x r)   recomputed, never saved by forward; one tall product
+//   da += dY Z^T        (p x q)   dot products along r, accumulated over the block
+// Five small products per token against two for forward; stacking G and Z over
+// a block of tokens turns the two weight-gradient sums into long products.
+// da and db are accumulated per thread and reduced once.
 //
 // Speed floor (float32, 2-core AVX-512 machine, in=out=1024, 32x32 factors,
 // 4096 tokens): forward moves 32 MiB and does 0.54 GFLOP, backward 48 MiB and
@@ -51,11 +52,11 @@ struct KronShape {
   }
 };
 
-// Tokens per block: the per-token intermediate of a block stays near 64 KiB
-// (and no larger than the chunk needs).
+// Tokens per block: the block's intermediates stay near `budget` bytes (64 KiB,
+// in L2 with room to spare), and no more tokens than the chunk has.
 template <typename T>
-int64_t token_block(int64_t per_token_elems, int64_t tokens) {
-  const int64_t fit = (64 * 1024 / int64_t(sizeof(T))) / std::max<int64_t>(1, per_token_elems);
+int64_t token_block(int64_t per_token_elems, int64_t tokens, int64_t budget = 64 * 1024) {
+  const int64_t fit = (budget / int64_t(sizeof(T))) / std::max<int64_t>(1, per_token_elems);
   return std::max<int64_t>(1, std::min(fit, tokens));
 }
 
@@ -101,47 +102,50 @@ LOWRANK_ALWAYS_INLINE void forward_tokens(const KronShape& sh, int64_t t0, int64
 template <class Cfg, typename T>
 LOWRANK_ALWAYS_INLINE void backward_tokens(const KronShape& sh, int64_t t0, int64_t t1, const T* dy,
                                            const T* x, const T* a, const T* b, const T* bt, T* dx,
-                                           T* da_t, T* db) {
+                                           T* da, T* db) {
   const int p = sh.p, q = sh.q, r = sh.r, s = sh.s;
   const int64_t in = int64_t(q) * s, out = int64_t(p) * r;
   const bool need_g = dx != nullptr || db != nullptr;
-  const int64_t tb = token_block<T>(int64_t(q) * r, t1 - t0);
-  std::vector<T> g(need_g ? static_cast<size_t>(q) * r : 0);
-  std::vector<T> z(da_t ? static_cast<size_t>(tb * q * r) : 0);
-  std::vector<T> dy_t(da_t ? static_cast<size_t>(r) * p : 0);
+  // Per token: G and Z (q x r each), stacked by rows; blocks of ~256 KiB make the
+  // batched products below long.
+  const int64_t per_token = (need_g ? int64_t(q) * r : 0) + (da ? int64_t(q) * r : 0);
+  const int64_t tb = token_block<T>(per_token, t1 - t0, 256 * 1024);
+  std::vector<T> g(need_g ? static_cast<size_t>(tb * q * r) : 0);
+  std::vector<T> z(da ? static_cast<size_t>(tb * q * r) : 0);
   for (int64_t t = t0; t < t1; t += tb) {
     const int64_t nb = std::min(tb, t1 - t);
-    if (da_t) gemm<Cfg, T>(int(nb * q), r, s, x + t * in, s, 1, bt, r, z.data(), r, false);
-    for (int64_t u = 0; u < nb; ++u) {
-      const T* dyu = dy + (t + u) * out;
-      const T* xu = x + (t + u) * in;
-      if (need_g) {
-        // G = a^T dY: A(i, k) = a[k, i]
-        gemm<Cfg, T>(q, r, p, a, 1, q, dyu, r, g.data(), r, false);
-        if (dx) gemm<Cfg, T>(q, s, r, g.data(), r, 1, b, s, dx + (t + u) * in, s, false);
-        if (db) gemm<Cfg, T>(r, s, q, g.data(), 1, r, xu, s, db, s, true);
-      }
-      if (da_t) {
-        transpose(p, r, dyu, dy_t.data());
-        gemm<Cfg, T>(q, p, r, z.data() + u * q * r, r, 1, dy_t.data(), p, da_t, p, true);
-      }
+    const T* xb = x + t * in;  // the block's X rows stacked: (nb*q, s)
+    if (need_g) {
+      for (int64_t u = 0; u < nb; ++u)  // G = a^T dY: A(i, k) = a[k, i]
+        gemm<Cfg, T>(q, r, p, a, 1, q, dy + (t + u) * out, r, g.data() + u * q * r, r, false);
+      // dX rows for the block: (nb*q x r) . (r x s)
+      if (dx) gemm<Cfg, T>(int(nb * q), s, r, g.data(), r, 1, b, s, dx + t * in, s, false);
+      // db += sum_u G_u^T X_u: one product over K = nb*q
+      if (db) gemm<Cfg, T>(r, s, int(nb * q), g.data(), 1, r, xb, s, db, s, true);
+    }
+    if (da) {
+      // Z rows for the whole block: (nb*q x s) . (s x r); then da += sum_u dY_u Z_u^T,
+      // dot products along r with no transpose.
+      gemm<Cfg, T>(int(nb * q), r, s, xb, s, 1, bt, r, z.data(), r, false);
+      gemm_nt_batched<Cfg, T>(p, q, r, nb, dy + t * out, r, out, z.data(), r, int64_t(q) * r, da,
+                              q);
     }
   }
 }
 
 // One entry point per instruction set: the always-inline templates above are
 // compiled into each with that set's vector width.
-#define LOWRANK_KRON_ENTRIES(SUFFIX, TARGET, CFG)                                                \
-  template <typename T>                                                                          \
-  TARGET void forward_##SUFFIX(const KronShape& sh, int64_t t0, int64_t t1, const T* x,          \
-                               const T* a, const T* bt, const T* addend, T* y) {                 \
-    forward_tokens<CFG, T>(sh, t0, t1, x, a, bt, addend, y);                                     \
-  }                                                                                              \
-  template <typename T>                                                                          \
-  TARGET void backward_##SUFFIX(const KronShape& sh, int64_t t0, int64_t t1, const T* dy,        \
-                                const T* x, const T* a, const T* b, const T* bt, T* dx, T* da_t, \
-                                T* db) {                                                         \
-    backward_tokens<CFG, T>(sh, t0, t1, dy, x, a, b, bt, dx, da_t, db);                          \
+#define LOWRANK_KRON_ENTRIES(SUFFIX, TARGET, CFG)                                              \
+  template <typename T>                                                                        \
+  TARGET void forward_##SUFFIX(const KronShape& sh, int64_t t0, int64_t t1, const T* x,        \
+                               const T* a, const T* bt, const T* addend, T* y) {               \
+    forward_tokens<CFG, T>(sh, t0, t1, x, a, bt, addend, y);                                   \
+  }                                                                                            \
+  template <typename T>                                                                        \
+  TARGET void backward_##SUFFIX(const KronShape& sh, int64_t t0, int64_t t1, const T* dy,      \
+                                const T* x, const T* a, const T* b, const T* bt, T* dx, T* da, \
+                                T* db) {                                                       \
+    backward_tokens<CFG, T>(sh, t0, t1, dy, x, a, b, bt, dx, da, db);                          \
   }
 
 LOWRANK_KRON_ENTRIES(base, , TileBase)
@@ -186,12 +190,12 @@ void backward(const KronShape& sh, const T* dy, const T* x, const T* a, const T*
   const std::vector<T> bt = transposed(b, sh.r, sh.s);
   const Isa isa = cpu_isa();
   const size_t na = size_t(sh.p) * sh.q, nbsz = size_t(sh.r) * sh.s;
-  std::vector<T> da_t_total(da ? na : 0, T(0));
+  if (da) std::fill(da, da + na, T(0));
   if (db) std::fill(db, db + nbsz, T(0));
   std::mutex reduce;
   parallel_chunks(sh.tokens, threads, token_grain(sh), [&](int64_t t0, int64_t t1, int) {
-    std::vector<T> da_t(da ? na : 0, T(0)), db_local(db ? nbsz : 0, T(0));
-    T* da_ptr = da ? da_t.data() : nullptr;
+    std::vector<T> da_local(da ? na : 0, T(0)), db_local(db ? nbsz : 0, T(0));
+    T* da_ptr = da ? da_local.data() : nullptr;
     T* db_ptr = db ? db_local.data() : nullptr;
 #if LOWRANK_HAS_ISA_TARGETS
     if (isa == Isa::Avx512)
@@ -202,10 +206,9 @@ void backward(const KronShape& sh, const T* dy, const T* x, const T* a, const T*
 #endif
       backward_base<T>(sh, t0, t1, dy, x, a, b, bt.data(), dx, da_ptr, db_ptr);
     std::lock_guard<std::mutex> lock(reduce);
-    for (size_t i = 0; i < da_t.size(); ++i) da_t_total[i] += da_t[i];
+    for (size_t i = 0; i < da_local.size(); ++i) da[i] += da_local[i];
     for (size_t i = 0; i < db_local.size(); ++i) db[i] += db_local[i];
   });
-  if (da) transpose(sh.q, sh.p, da_t_total.data(), da);
 }
 
 }  // namespace

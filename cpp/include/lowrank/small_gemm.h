@@ -125,6 +125,97 @@ LOWRANK_ALWAYS_INLINE void gemm(int M, int N, int K, const T* A, std::ptrdiff_t 
   gemm_narrow_columns<Cfg, T, Cfg::VB>(M, j, N, K, A, rsa, csa, B, ldb, C, ldc, accumulate);
 }
 
+// ---- batched "NT" products: C[M x N] += sum_u A_u . B_u^T -----------------------------
+// A_u rows (A + u*a_batch + i*lda) and B_u rows (B + u*b_batch + j*ldb) are both
+// contiguous along the K dimension, so tiles vectorise over K (dot products) and
+// keep MI x NJ vector accumulators across the whole batch; each accumulator is
+// reduced horizontally once. This replaces a transpose per batch element.
+
+template <typename T, int VB>
+LOWRANK_ALWAYS_INLINE T horizontal_sum(typename VecOf<T, VB>::type v) {
+  T sum = T(0);
+  for (int l = 0; l < VB / int(sizeof(T)); ++l) sum += v[l];
+  return sum;
+}
+
+template <typename T, int VB, int MI, int NJ>
+LOWRANK_ALWAYS_INLINE void gemm_nt_tile(int K, int64_t batch, const T* A, std::ptrdiff_t lda,
+                                        std::ptrdiff_t a_batch, const T* B, std::ptrdiff_t ldb,
+                                        std::ptrdiff_t b_batch, T* C, std::ptrdiff_t ldc) {
+  using V = typename VecOf<T, VB>::type;
+  constexpr int L = VB / static_cast<int>(sizeof(T));
+  V acc[MI][NJ];
+  T tail[MI][NJ];
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < NJ; ++j) {
+      acc[i][j] = V{};
+      tail[i][j] = T(0);
+    }
+  const int kv = K - K % L;
+  for (int64_t u = 0; u < batch; ++u) {
+    const T* a = A + u * a_batch;
+    const T* b = B + u * b_batch;
+    for (int k = 0; k < kv; k += L) {
+      V av[MI], bv[NJ];
+      for (int i = 0; i < MI; ++i) std::memcpy(&av[i], a + i * lda + k, sizeof(V));
+      for (int j = 0; j < NJ; ++j) std::memcpy(&bv[j], b + j * ldb + k, sizeof(V));
+      for (int i = 0; i < MI; ++i)
+        for (int j = 0; j < NJ; ++j) acc[i][j] += av[i] * bv[j];
+    }
+  }
+  // The K % L leftover columns in a separate sweep, so the loop above keeps every
+  // accumulator in a register across the whole batch.
+  if (kv < K)
+    for (int64_t u = 0; u < batch; ++u)
+      for (int k = kv; k < K; ++k)
+        for (int i = 0; i < MI; ++i)
+          for (int j = 0; j < NJ; ++j)
+            tail[i][j] += A[u * a_batch + i * lda + k] * B[u * b_batch + j * ldb + k];
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < NJ; ++j) C[i * ldc + j] += horizontal_sum<T, VB>(acc[i][j]) + tail[i][j];
+}
+
+template <typename T, int VB, int MI>
+LOWRANK_ALWAYS_INLINE void gemm_nt_rows(int N, int K, int64_t batch, const T* A, std::ptrdiff_t lda,
+                                        std::ptrdiff_t a_batch, const T* B, std::ptrdiff_t ldb,
+                                        std::ptrdiff_t b_batch, T* C, std::ptrdiff_t ldc) {
+  int j = 0;
+  for (; j + 4 <= N; j += 4)
+    gemm_nt_tile<T, VB, MI, 4>(K, batch, A, lda, a_batch, B + j * ldb, ldb, b_batch, C + j, ldc);
+  for (; j < N; ++j)
+    gemm_nt_tile<T, VB, MI, 1>(K, batch, A, lda, a_batch, B + j * ldb, ldb, b_batch, C + j, ldc);
+}
+
+template <typename T, int VB>
+LOWRANK_ALWAYS_INLINE void gemm_nt_width(int M, int N, int K, int64_t batch, const T* A,
+                                         std::ptrdiff_t lda, std::ptrdiff_t a_batch, const T* B,
+                                         std::ptrdiff_t ldb, std::ptrdiff_t b_batch, T* C,
+                                         std::ptrdiff_t ldc) {
+  int i = 0;
+  for (; i + 4 <= M; i += 4)
+    gemm_nt_rows<T, VB, 4>(N, K, batch, A + i * lda, lda, a_batch, B, ldb, b_batch, C + i * ldc,
+                           ldc);
+  for (; i < M; ++i)
+    gemm_nt_rows<T, VB, 1>(N, K, batch, A + i * lda, lda, a_batch, B, ldb, b_batch, C + i * ldc,
+                           ldc);
+}
+
+// The widest vector not longer than K (down to 16 bytes) carries the dot products.
+template <class Cfg, typename T>
+LOWRANK_ALWAYS_INLINE void gemm_nt_batched(int M, int N, int K, int64_t batch, const T* A,
+                                           std::ptrdiff_t lda, std::ptrdiff_t a_batch, const T* B,
+                                           std::ptrdiff_t ldb, std::ptrdiff_t b_batch, T* C,
+                                           std::ptrdiff_t ldc) {
+  constexpr int VB = Cfg::VB;
+  if (K >= VB / int(sizeof(T)) || VB <= 16)
+    gemm_nt_width<T, VB>(M, N, K, batch, A, lda, a_batch, B, ldb, b_batch, C, ldc);
+  else if (VB >= 32 && K >= VB / 2 / int(sizeof(T)))
+    gemm_nt_width<T, (VB >= 32 ? VB / 2 : 16)>(M, N, K, batch, A, lda, a_batch, B, ldb, b_batch, C,
+                                               ldc);
+  else
+    gemm_nt_width<T, 16>(M, N, K, batch, A, lda, a_batch, B, ldb, b_batch, C, ldc);
+}
+
 // dst[cols x rows] = src[rows x cols]^T, both row-major.
 template <typename T>
 LOWRANK_ALWAYS_INLINE void transpose(int rows, int cols, const T* src, T* dst) {
