@@ -73,10 +73,9 @@ def warn_fallback(op: str, why: str) -> None:
 
 def new_output(shape: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Allocates an op output (NaN-filled while tests poison outputs)."""
-    dtype = like.dtype if dtype is None else dtype
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    # Tensor.new_empty parses its arguments faster than torch.empty(..., dtype=, device=).
+    out = like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
 def cpu_threads() -> int:

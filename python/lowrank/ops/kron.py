@@ -14,6 +14,9 @@ Gradients, for ``G = dY`` viewed per row as ``p x r``:
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
 from lowrank import _native
@@ -163,17 +166,17 @@ def _check_output_like(name: str, t: torch.Tensor, x: torch.Tensor, p: int, r: i
         raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
 
 
-def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
-    """t as a contiguous (rows, width) matrix; copies only a non-contiguous input."""
-    return t.reshape(-1, width).contiguous()
+def _launch(x: torch.Tensor, op: str, smem_bytes: Callable[[], int]):
+    """``(native module, trailing launch args)`` to run ``op`` on x, or None (warned once).
 
-
-def _native_for(x: torch.Tensor, op: str, smem_bytes: int = 0):
-    """The native module that runs ``op`` on x's device and dtype, or None (warned once)."""
-    if x.device.type == "cpu":
+    Trailing launch arguments are the CPU thread count, or the CUDA device and
+    torch's current stream on it. ``smem_bytes`` is the kernel's shared-memory need.
+    """
+    if x.is_cpu:
         if _native._C is None:
             _native.warn_fallback(op, "the CPU module is not built")
-        return _native._C
+            return None
+        return _native._C, (torch.get_num_threads(),)
     why = None
     if _native._cuda is None:
         why = "the CUDA module is not built"
@@ -181,49 +184,43 @@ def _native_for(x: torch.Tensor, op: str, smem_bytes: int = 0):
         why = f"no CUDA kernel for {x.dtype}"
     else:
         limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-        if smem_bytes > limit:
-            why = f"factors need {smem_bytes} bytes of shared memory, the GPU has {limit}"
+        if smem_bytes() > limit:
+            why = f"factors need {smem_bytes()} bytes of shared memory, the GPU has {limit}"
     if why:
         _native.warn_fallback(op, why)
         return None
-    return _native._cuda
+    return _native._cuda, (x.device.index, _native.cuda_stream(x))
 
 
-def _device_args(x: torch.Tensor) -> tuple:
-    """Trailing launch arguments: CPU threads, or CUDA device and torch's current stream."""
-    if x.device.type == "cpu":
-        return (_native.cpu_threads(),)
-    return (x.device.index, _native.cuda_stream(x))
-
-
-def _is_upcast_on_cpu(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype not in _native.CPU_NATIVE_DTYPES
+def _upcast_on_cpu(x: torch.Tensor) -> bool:
+    """float16/bfloat16 on the CPU run the float32 kernels (DESIGN.md section 4)."""
+    return x.is_cpu and x.dtype not in _native.CPU_NATIVE_DTYPES
 
 
 # ---- device kernels (one function per op serves CPU and CUDA) -------------------------------
 # Native kernels get raw addresses: every tensor whose address is taken stays bound to a
-# name until the kernel returns (contiguous copies of the factors are made first and held).
+# name until the kernel returns (contiguous copies are made first and held).
 
 
 def _forward(x, a, b, base, scale, op):
     p, q, r, s = _check(x, a, b)
     if base is not None:
         _check_output_like("base", base, x, p, r)
-    if _is_upcast_on_cpu(x):
+    if _upcast_on_cpu(x):
         base32 = None if base is None else base.float()
         return _forward(x.float(), a.float(), b.float(), base32, scale, op).to(x.dtype)
-    cuda = _native._cuda if x.device.type == "cuda" else None
-    native = _native_for(x, op, cuda.kron_forward_smem_bytes(p, q, r, s) if cuda else 0)
-    if native is None:
+    launch = _launch(x, op, lambda: _native._cuda.kron_forward_smem_bytes(p, q, r, s))
+    if launch is None:
         y = kron_matmul_reference(x, a, b)
         return y if base is None else base + scale * y
-    xr, a, b = _rows(x, q * s), a.contiguous(), b.contiguous()
+    native, launch_args = launch
+    x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
     base = None if base is None else base.contiguous()
     y = _native.new_output((*x.shape[:-1], p * r), x)
     native.kron_matmul(
-        _native.DTYPE_CODES[x.dtype], xr.data_ptr(), a.data_ptr(), b.data_ptr(),
-        0 if base is None else base.data_ptr(), scale, y.data_ptr(), xr.shape[0], p, q, r, s,
-        *_device_args(x),
+        _native.DTYPE_CODES[x.dtype], x.data_ptr(), a.data_ptr(), b.data_ptr(),
+        0 if base is None else base.data_ptr(), scale, y.data_ptr(), math.prod(x.shape[:-1]),
+        p, q, r, s, *launch_args,
     )  # fmt: skip
     return y
 
@@ -239,62 +236,62 @@ def _add_kernel(base, x, a, b, scale=1.0):
 def _add_inplace_kernel(base, x, a, b, scale=1.0):
     p, q, r, s = _check(x, a, b)
     _check_output_like("base", base, x, p, r)
-    cuda = _native._cuda if x.device.type == "cuda" else None
-    smem = cuda.kron_forward_smem_bytes(p, q, r, s) if cuda else 0
-    if _is_upcast_on_cpu(x) or not base.is_contiguous():
+    if _upcast_on_cpu(x) or not base.is_contiguous():
         base.copy_(_forward(x, a, b, base, scale, "kron_matmul_add_"))
         return
-    native = _native_for(x, "kron_matmul_add_", smem)
-    if native is None:
+    launch = _launch(
+        x, "kron_matmul_add_", lambda: _native._cuda.kron_forward_smem_bytes(p, q, r, s)
+    )
+    if launch is None:
         base.add_(kron_matmul_reference(x, a, b), alpha=scale)
         return
-    xr, a, b = _rows(x, q * s), a.contiguous(), b.contiguous()
+    native, launch_args = launch
+    x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
     # The kernels read each base element before writing it, so base is addend and output.
     native.kron_matmul(
-        _native.DTYPE_CODES[x.dtype], xr.data_ptr(), a.data_ptr(), b.data_ptr(), base.data_ptr(),
-        scale, base.data_ptr(), xr.shape[0], p, q, r, s, *_device_args(x),
+        _native.DTYPE_CODES[x.dtype], x.data_ptr(), a.data_ptr(), b.data_ptr(), base.data_ptr(),
+        scale, base.data_ptr(), math.prod(x.shape[:-1]), p, q, r, s, *launch_args,
     )  # fmt: skip
 
 
 def _backward_kernel(grad, x, a, b, need_x, need_factors):
     p, q, r, s = _check(x, a, b)
     _check_output_like("grad", grad, x, p, r)
-    if _is_upcast_on_cpu(x):
+    if _upcast_on_cpu(x):
         outs = _backward_kernel(grad.float(), x.float(), a.float(), b.float(), need_x, need_factors)
         return tuple(o.to(x.dtype) for o in outs)
-    cuda = _native._cuda if x.device.type == "cuda" else None
-    native = _native_for(x, "kron_matmul_backward",
-                         cuda.kron_backward_smem_bytes(p, q, r, s) if cuda else 0)  # fmt: skip
-    if native is None:
+    smem = lambda: _native._cuda.kron_backward_smem_bytes(p, q, r, s)  # noqa: E731
+    launch = _launch(x, "kron_matmul_backward", smem)
+    if launch is None:
         return kron_matmul_backward_reference(grad, x, a, b, need_x, need_factors)
+    native, launch_args = launch
     empty = x.new_empty(0)
-    if x.device.type == "cuda":
-        return _backward_cuda(grad, x, a, b, need_x, need_factors, empty)
-    gr, xr, a, b = _rows(grad, p * r), _rows(x, q * s), a.contiguous(), b.contiguous()
-    dx = _native.new_output(x.shape, x) if need_x else empty
-    da = _native.new_output((p, q), a) if need_factors else empty
-    db = _native.new_output((r, s), b) if need_factors else empty
-    native.kron_matmul_backward(
-        _native.DTYPE_CODES[x.dtype], gr.data_ptr(), xr.data_ptr(), a.data_ptr(), b.data_ptr(),
-        dx.data_ptr() if need_x else 0,
-        da.data_ptr() if need_factors else 0, db.data_ptr() if need_factors else 0,
-        xr.shape[0], p, q, r, s, _native.cpu_threads(),
-    )  # fmt: skip
-    return dx, da, db
-
-
-def _backward_cuda(grad, x, a, b, need_x, need_factors, empty):
-    p, q, r, s = (*a.shape, *b.shape)
-    # dX = dY @ kron(a^T, b^T)^T: the forward kernel on transposed factors.
-    dx = _forward_kernel(grad, a.t().contiguous(), b.t().contiguous()) if need_x else empty
-    if not need_factors:
+    if not x.is_cpu:
+        # dX = dY @ kron(a^T, b^T)^T: the forward kernel on transposed factors.
+        dx = _forward_kernel(grad, a.t().contiguous(), b.t().contiguous()) if need_x else empty
+        need_x = False
+    else:
+        dx = _native.new_output(x.shape, x) if need_x else empty
+    if not need_factors and not need_x:
         return dx, empty, empty
-    gr, xr, a, b = _rows(grad, p * r), _rows(x, q * s), a.contiguous(), b.contiguous()
+    grad, x, a, b = grad.contiguous(), x.contiguous(), a.contiguous(), b.contiguous()
+    tokens = math.prod(x.shape[:-1])
+    code = _native.DTYPE_CODES[x.dtype]
+    if x.is_cpu:
+        da = _native.new_output((p, q), a) if need_factors else empty
+        db = _native.new_output((r, s), b) if need_factors else empty
+        native.kron_matmul_backward(
+            code, grad.data_ptr(), x.data_ptr(), a.data_ptr(), b.data_ptr(),
+            dx.data_ptr() if need_x else 0, da.data_ptr() if need_factors else 0,
+            db.data_ptr() if need_factors else 0, tokens, p, q, r, s, *launch_args,
+        )  # fmt: skip
+        return dx, da, db
+    # CUDA: the factor gradients accumulate across blocks in float32.
     da = torch.zeros((p, q), dtype=torch.float32, device=x.device)
     db = torch.zeros((r, s), dtype=torch.float32, device=x.device)
-    _native._cuda.kron_factor_grads(
-        _native.DTYPE_CODES[x.dtype], gr.data_ptr(), xr.data_ptr(), a.data_ptr(), b.data_ptr(),
-        da.data_ptr(), db.data_ptr(), xr.shape[0], p, q, r, s, *_device_args(x),
+    native.kron_factor_grads(
+        code, grad.data_ptr(), x.data_ptr(), a.data_ptr(), b.data_ptr(), da.data_ptr(),
+        db.data_ptr(), tokens, p, q, r, s, *launch_args,
     )  # fmt: skip
     return dx, da.to(a.dtype), db.to(b.dtype)
 
