@@ -84,17 +84,18 @@ inline int multiprocessors(int device) {
 }
 
 // C[M x N] (= or +=) A[M x K] . B[K x N] over one thread block, all in shared
-// memory; A element (i, k) at A[i*rsa + k*csa]. Threads stride over C so
-// neighbouring threads read neighbouring B columns (conflict-free) and share A.
+// memory; A element (i, k) at A[i*rsa + k*csa], B element (k, j) at
+// B[k*rsb + j*csb]. Threads stride over C so neighbouring threads read
+// neighbouring B columns (conflict-free when csb == 1) and share A.
 template <bool Accumulate>
 __device__ __forceinline__ void block_gemm(int M, int N, int K, const float* A, int rsa, int csa,
-                                           const float* B, int ldb, float* C, int ldc) {
+                                           const float* B, int rsb, int csb, float* C, int ldc) {
   for (int e = threadIdx.x; e < M * N; e += blockDim.x) {
     const int i = e / N, j = e - (e / N) * N;
     float sum = Accumulate ? C[i * ldc + j] : 0.f;
     const float* a = A + i * rsa;
-    const float* b = B + j;
-    for (int k = 0; k < K; ++k) sum = fmaf(a[k * csa], b[k * ldb], sum);
+    const float* b = B + j * csb;
+    for (int k = 0; k < K; ++k) sum = fmaf(a[k * csa], b[k * rsb], sum);
     C[i * ldc + j] = sum;
   }
 }

@@ -76,13 +76,13 @@ __global__ void __launch_bounds__(kThreads)
     stage(xs, x + t * q * s, q * s);
     __syncthreads();
     if (b_first) {
-      block_gemm<false>(q, r, s, xs, s, 1, bts, r, mid, r);
+      block_gemm<false>(q, r, s, xs, s, 1, bts, r, 1, mid, r);
       __syncthreads();
-      block_gemm<false>(p, r, q, as, q, 1, mid, r, ys, r);
+      block_gemm<false>(p, r, q, as, q, 1, mid, r, 1, ys, r);
     } else {
-      block_gemm<false>(p, s, q, as, q, 1, xs, s, mid, s);
+      block_gemm<false>(p, s, q, as, q, 1, xs, s, 1, mid, s);
       __syncthreads();
-      block_gemm<false>(p, r, s, mid, s, 1, bts, r, ys, r);
+      block_gemm<false>(p, r, s, mid, s, 1, bts, r, 1, ys, r);
     }
     __syncthreads();
     T* yt = y + t * p * r;
@@ -117,11 +117,11 @@ __global__ void __launch_bounds__(kThreads)
     stage(xs, x + t * q * s, q * s);
     stage(dys, dy + t * p * r, p * r);
     __syncthreads();
-    block_gemm<false>(q, r, p, as, 1, q, dys, r, g, r);  // a^T dY
-    block_gemm<false>(q, r, s, xs, s, 1, bs, 1, z, r);   // X b^T: B(k, j) = b[j, k]
+    block_gemm<false>(q, r, p, as, 1, q, dys, r, 1, g, r);  // a^T dY
+    block_gemm<false>(q, r, s, xs, s, 1, bs, 1, s, z, r);   // X b^T: B(k, j) = b[j, k]
     __syncthreads();
-    block_gemm<true>(r, s, q, g, 1, r, xs, s, db_acc, s);   // += G^T X
-    block_gemm<true>(p, q, r, dys, r, 1, z, 1, da_acc, q);  // += dY Z^T: B(k, j) = Z[j, k]
+    block_gemm<true>(r, s, q, g, 1, r, xs, s, 1, db_acc, s);   // += G^T X
+    block_gemm<true>(p, q, r, dys, r, 1, z, 1, r, da_acc, q);  // += dY Z^T: B(k, j) = Z[j, k]
   }
   __syncthreads();
   for (int e = threadIdx.x; e < p * q; e += blockDim.x) atomicAdd(da + e, da_acc[e]);
