@@ -1,5 +1,5 @@
-// CUDA-side helpers shared by the kernels: error checks, device selection,
-// and float32 <-> storage-type conversion (float, half, bfloat16).
+// Host-side helpers for the CUDA launchers: error checks, device selection,
+// device attributes and dtype dispatch. Device-side helpers are in device.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "device.cuh"
 #include "lowrank/common.h"
 
 namespace lowrank {
@@ -29,31 +30,6 @@ inline cudaStream_t use_device(int device, std::uintptr_t stream) {
 
 inline void check_launch(const char* kernel) {
   check_cuda(cudaGetLastError(), kernel);
-}
-
-__device__ __forceinline__ float to_float(float v) {
-  return v;
-}
-__device__ __forceinline__ float to_float(__half v) {
-  return __half2float(v);
-}
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
 }
 
 // Calls fn(T{}) with T the storage type of a CUDA dtype.
@@ -83,21 +59,13 @@ inline int multiprocessors(int device) {
   return count;
 }
 
-// C[M x N] (= or +=) A[M x K] . B[K x N] over one thread block, all in shared
-// memory; A element (i, k) at A[i*rsa + k*csa], B element (k, j) at
-// B[k*rsb + j*csb]. Threads stride over C so neighbouring threads read
-// neighbouring B columns (conflict-free when csb == 1) and share A.
-template <bool Accumulate>
-__device__ __forceinline__ void block_gemm(int M, int N, int K, const float* A, int rsa, int csa,
-                                           const float* B, int rsb, int csb, float* C, int ldc) {
-  for (int e = threadIdx.x; e < M * N; e += blockDim.x) {
-    const int i = e / N, j = e - (e / N) * N;
-    float sum = Accumulate ? C[i * ldc + j] : 0.f;
-    const float* a = A + i * rsa;
-    const float* b = B + j * csb;
-    for (int k = 0; k < K; ++k) sum = fmaf(a[k * csa], b[k * rsb], sum);
-    C[i * ldc + j] = sum;
-  }
+// Checks that `bytes` of dynamic shared memory fit on the device and allows them.
+template <typename Kernel>
+inline void allow_shared(Kernel kernel, size_t bytes, int device, const char* name) {
+  if (bytes > size_t(max_shared_bytes(device)))
+    throw std::invalid_argument(std::string(name) + ": factors too large for shared memory");
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+             "cudaFuncSetAttribute");
 }
 
 }  // namespace lowrank
