@@ -7,6 +7,7 @@ namespace py = pybind11;
 
 namespace lowrank {
 void bind_kron(py::module_& m);
+void bind_sketch(py::module_& m);
 }  // namespace lowrank
 
 PYBIND11_MODULE(_C, m) {
@@ -20,4 +21,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp") = false;
 #endif
   lowrank::bind_kron(m);
+  lowrank::bind_sketch(m);
 }

@@ -8,6 +8,7 @@ namespace py = pybind11;
 
 namespace lowrank {
 void bind_kron(py::module_& m);
+void bind_sketch(py::module_& m);
 }  // namespace lowrank
 
 PYBIND11_MODULE(_cuda, m) {
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_cuda, m) {
     return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
   });
   lowrank::bind_kron(m);
+  lowrank::bind_sketch(m);
 }

@@ -1,5 +1,20 @@
 """Randomized decompositions and projections onto structured matrices."""
 
+from lowrank.linalg.error import ErrorEstimate, svd_error
 from lowrank.linalg.kronecker import KroneckerFactors, kron_rearrange, nearest_kronecker
+from lowrank.linalg.nystrom import nystrom_eigh
+from lowrank.linalg.operator import LinearOperator
+from lowrank.linalg.pca import pca
+from lowrank.linalg.rsvd import rsvd
 
-__all__ = ["KroneckerFactors", "kron_rearrange", "nearest_kronecker"]
+__all__ = [
+    "ErrorEstimate",
+    "KroneckerFactors",
+    "LinearOperator",
+    "kron_rearrange",
+    "nearest_kronecker",
+    "nystrom_eigh",
+    "pca",
+    "rsvd",
+    "svd_error",
+]

@@ -5,6 +5,7 @@ autograd formula and the pure-PyTorch ``*_reference`` that specifies the op.
 Adding an op family is one import line here.
 """
 
+from lowrank.ops import sketch
 from lowrank.ops.kron import (
     kron_matmul,
     kron_matmul_add,
@@ -19,4 +20,5 @@ __all__ = [
     "kron_matmul_add_",
     "kron_matmul_add_reference",
     "kron_matmul_reference",
+    "sketch",
 ]

@@ -1,0 +1,151 @@
+"""Matrices as operators: what randomized SVD needs from its input.
+
+Randomized range finders touch ``A`` only through products ``A @ X`` and
+``A^T @ Y`` with thin ``X`` and ``Y`` (Halko, Martinsson & Tropp 2011), so any
+object with ``shape``, ``dtype``, ``device``, ``matmat`` and ``rmatmat`` can be
+decomposed without being formed: ``B @ A + S`` held as factors, a Monarch or
+Kronecker weight, a matrix spread over devices. Dense tensors (with leading
+batch dimensions) and torch sparse COO/CSR matrices are wrapped here.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from lowrank import _validate as check
+
+
+@runtime_checkable
+class LinearOperator(Protocol):
+    """An ``m x n`` matrix known through its products with thin matrices.
+
+    ``matmat(X)`` returns ``A @ X`` for ``X`` of shape ``(n, k)``; ``rmatmat(Y)``
+    returns ``A^T @ Y`` for ``Y`` of shape ``(m, k)``. Both take and return tensors
+    of ``dtype`` on ``device``.
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmat(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def rmatmat(self, y: torch.Tensor) -> torch.Tensor: ...
+
+
+class Operator:
+    """The internal form of every input: batch shape, ``m x n``, products and norms."""
+
+    def __init__(self, batch, m, n, dtype, device, matmat, rmatmat, dense=None, fro_sq=None):
+        self.batch, self.m, self.n = tuple(batch), m, n
+        self.dtype, self.device = dtype, device
+        self.matmat, self.rmatmat = matmat, rmatmat
+        self.dense = dense  # the (..., m, n) tensor when there is one, for row sketches
+        self._fro_sq = fro_sq
+
+    def frobenius_sq(self) -> torch.Tensor:
+        """``||A||_F^2`` per batch element (float64)."""
+        if self._fro_sq is None:
+            raise ValueError("this operator does not know its Frobenius norm")
+        return self._fro_sq()
+
+    def transposed(self) -> Operator:
+        dense = None if self.dense is None else self.dense.mT
+        return Operator(self.batch, self.n, self.m, self.dtype, self.device, self.rmatmat,
+                        self.matmat, dense, self._fro_sq)  # fmt: skip
+
+
+def dense_operator(a: torch.Tensor, compute_dtype: torch.dtype) -> Operator:
+    """Products with a dense ``(..., m, n)`` tensor in ``compute_dtype``.
+
+    On CUDA a float16/bfloat16 ``a`` is multiplied in its own precision (float32
+    accumulation) and the result promoted; on the CPU it is promoted once.
+    """
+    if a.dtype != compute_dtype and not (a.is_cuda and a.dtype in (torch.float16, torch.bfloat16)):
+        a = a.to(compute_dtype)
+    low = a.dtype != compute_dtype
+
+    def matmat(x):
+        return (a @ x.to(a.dtype)).to(compute_dtype) if low else a @ x
+
+    def rmatmat(y):
+        return (a.mT @ y.to(a.dtype)).to(compute_dtype) if low else a.mT @ y
+
+    def fro_sq():
+        return a.double().square().sum(dim=(-2, -1))
+
+    return Operator(a.shape[:-2], a.shape[-2], a.shape[-1], compute_dtype, a.device, matmat,
+                    rmatmat, a, fro_sq)  # fmt: skip
+
+
+def sparse_operator(a: torch.Tensor, compute_dtype: torch.dtype) -> Operator:
+    """Products with a 2-D sparse COO or CSR matrix; its transpose is built once."""
+    if a.dim() != 2:
+        raise ValueError(f"sparse input must be 2-D, got shape {tuple(a.shape)}")
+    a = a.to(compute_dtype)
+    if a.layout == torch.sparse_coo:
+        a = a.coalesce()
+        at = a.t().coalesce()
+        values = a.values()
+    else:
+        at = a.t().to_sparse_csr()
+        values = a.values()
+    return Operator((), a.shape[0], a.shape[1], compute_dtype, a.device, lambda x: a @ x,
+                    lambda y: at @ y, None,
+                    lambda: values.double().square().sum())  # fmt: skip
+
+
+def protocol_operator(op: LinearOperator, compute_dtype: torch.dtype) -> Operator:
+    """Wraps a user object following :class:`LinearOperator`."""
+    m, n = (int(v) for v in op.shape)
+
+    def matmat(x):
+        return op.matmat(x.to(op.dtype)).to(compute_dtype)
+
+    def rmatmat(y):
+        return op.rmatmat(y.to(op.dtype)).to(compute_dtype)
+
+    return Operator((), m, n, compute_dtype, torch.device(op.device), matmat, rmatmat)
+
+
+SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
+
+
+def as_operator(a, compute_dtype: torch.dtype | None = None) -> Operator:
+    """The :class:`Operator` for a dense tensor, a sparse COO/CSR matrix or a LinearOperator.
+
+    ``compute_dtype`` defaults to the input's dtype, float32 for float16/bfloat16.
+    """
+    if isinstance(a, torch.Tensor):
+        if a.dtype not in check.FLOATING:
+            raise TypeError(f"A must be a floating tensor (float16 to float64), got {a.dtype}")
+        dtype = compute_dtype or _default_compute(a.dtype)
+        if a.layout == torch.strided:
+            check.min_ndim("A", a, 2, "(..., m, n)")
+            return dense_operator(a, dtype)
+        if a.layout in SPARSE_LAYOUTS:
+            return sparse_operator(a, dtype)
+        raise ValueError(f"unsupported sparse layout {a.layout}; use sparse COO or CSR")
+    if isinstance(a, LinearOperator):
+        if a.dtype not in check.FLOATING:
+            raise TypeError(f"the operator's dtype must be floating, got {a.dtype}")
+        return protocol_operator(a, compute_dtype or _default_compute(a.dtype))
+    raise TypeError(
+        "A must be a tensor (dense, sparse COO or CSR) or a LinearOperator "
+        f"(shape, dtype, device, matmat, rmatmat), got {type(a).__name__}"
+    )
+
+
+def _default_compute(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_finite(a) -> None:
+    """Raises on NaN or Inf in a dense or sparse tensor (operators: checked through products)."""
+    if not isinstance(a, torch.Tensor):
+        return
+    values = a.values() if a.layout in SPARSE_LAYOUTS else a
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("A contains NaN or Inf")

@@ -1,0 +1,69 @@
+"""Normalising thin blocks ``Y`` (``..., m x l``, ``m >= l``) between products.
+
+- ``cholqr2``: CholeskyQR twice (``G = Y^T Y = R^T R``, ``Q = Y R^{-1}``; Fukaya et al.
+  2014): two Gram products and two triangular solves, all BLAS-3, far cheaper than
+  Householder QR on tall blocks. When ``G`` is too ill-conditioned for Cholesky,
+  the first pass is shifted (``G + s I``, shifted CholeskyQR3 of Fukaya, Kannan,
+  Nakatsukasa, Yamamoto & Yanagisawa 2020), and a block that stays singular
+  (rank-deficient input) falls back to Householder QR.
+- ``qr``: Householder QR.
+- ``lu``: the unit-lower-trapezoidal ``P L`` factor of a pivoted LU (well-conditioned,
+  not orthonormal: only between power iterations, as scikit-learn does).
+- ``none``: no normalisation between power iterations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NORMALIZERS = ("auto", "cholqr2", "qr", "lu", "none")
+
+
+def householder_qr(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y).Q
+
+
+def _cholesky_pass(y: torch.Tensor, shift: bool) -> torch.Tensor | None:
+    gram = y.mT @ y
+    if shift:
+        m, l = y.shape[-2], y.shape[-1]
+        eps = torch.finfo(y.dtype).eps
+        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).unsqueeze(-1)
+        s = 11.0 * (m * l + l * (l + 1)) * eps * trace
+        gram = gram + s * torch.eye(l, dtype=y.dtype, device=y.device)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if bool((info != 0).any()):
+        return None
+    # Q = Y R^{-1} with R = L^T: solve Q L^T = Y.
+    return torch.linalg.solve_triangular(factor.mT, y, upper=True, left=False)
+
+
+def cholqr2(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of y's columns: (shifted) CholeskyQR2, Householder QR as last resort."""
+    q = _cholesky_pass(y, shift=False)
+    if q is None:
+        q = _cholesky_pass(y, shift=True)
+        q = None if q is None else _cholesky_pass(q, shift=False)
+    if q is not None:
+        q = _cholesky_pass(q, shift=False)
+    return householder_qr(y) if q is None else q
+
+
+def lu_normalize(y: torch.Tensor) -> torch.Tensor:
+    lu, pivots = torch.linalg.lu_factor(y)
+    p, lower, _ = torch.lu_unpack(lu, pivots, unpack_data=True, unpack_pivots=True)
+    return p @ lower
+
+
+def orthonormal(y: torch.Tensor, normalizer: str) -> torch.Tensor:
+    """An orthonormal basis (the final step of every range finder)."""
+    return householder_qr(y) if normalizer == "qr" else cholqr2(y)
+
+
+def normalize(y: torch.Tensor, normalizer: str) -> torch.Tensor:
+    """The between-iterations normalisation named by ``normalizer`` (never "auto")."""
+    if normalizer == "none":
+        return y
+    if normalizer == "lu":
+        return lu_normalize(y)
+    return orthonormal(y, normalizer)

@@ -1,0 +1,45 @@
+"""Principal components by randomized SVD of the implicitly centred matrix.
+
+``A - 1 mu^T`` (``mu`` the column means) is never formed: its products are
+``A X - 1 (mu^T X)`` and ``A^T Y - mu (1^T Y)``, so a sparse ``A`` stays sparse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowrank.linalg.operator import Operator, as_operator, check_finite
+from lowrank.linalg.rsvd import rsvd
+
+
+class _Centred:
+    """``A - 1 mu^T`` as a LinearOperator."""
+
+    def __init__(self, op: Operator, mean: torch.Tensor):
+        self.shape, self.dtype, self.device = (op.m, op.n), op.dtype, op.device
+        self._op, self._mean = op, mean
+
+    def matmat(self, x):
+        return self._op.matmat(x) - (self._mean @ x)[None, :]
+
+    def rmatmat(self, y):
+        return self._op.rmatmat(y) - self._mean[:, None] * y.sum(dim=0, keepdim=True)
+
+
+def pca(A, rank: int, center: bool = True, **rsvd_options):
+    """``(U, S, Vh)`` of ``A - mean(A, 0)`` (or of ``A``), rank ``rank``, without centring ``A``.
+
+    The principal axes are the rows of ``Vh`` and ``U * S`` are the scores.
+    ``A`` is a 2-D dense or sparse COO/CSR tensor; ``rsvd_options`` go to :func:`rsvd`.
+    """
+    if not center:
+        return rsvd(A, rank, **rsvd_options)
+    check_finite(A)
+    op = as_operator(A, rsvd_options.pop("compute_dtype", None))
+    if op.batch:
+        raise ValueError("pca takes a single (m, n) matrix")
+    ones = torch.ones(op.m, 1, dtype=op.dtype, device=op.device)
+    mean = op.rmatmat(ones)[:, 0] / op.m
+    u, s, vh = rsvd(_Centred(op, mean), rank, **rsvd_options)
+    out = A.dtype if isinstance(A, torch.Tensor) else op.dtype
+    return u.to(out), s.to(out), vh.to(out)

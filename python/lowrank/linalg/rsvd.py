@@ -1,0 +1,212 @@
+"""Randomized SVD (Halko, Martinsson & Tropp, SIAM Review 2011).
+
+For ``A`` (``..., m x n``) and a target rank ``k``, with ``l = k + oversample``:
+
+1. sketch the range: ``Y = A Omega`` for an ``n x l`` random test matrix;
+2. power (subspace) iterations ``Q <- orth(A orth(A^T Q))``, ``n_iter`` times, so
+   the spectrum decays like ``s_i^(2 q + 1)`` (or a block Krylov space
+   ``[Y, (A A^T) Y, ...]`` with ``block_krylov=True``: Musco & Musco 2015);
+3. ``B^T = A^T Q`` and the small SVD ``B = U_B S V^T``, ``U = Q U_B``.
+
+That is ``2 + 2 n_iter`` products with ``A``, each ``m n l`` multiply-adds; the
+rest is ``O((m + n) l^2)``. Between products the tall blocks are normalised by
+CholeskyQR2 (``orthogonalize.py``), BLAS-3 and several times cheaper than the
+Householder QR ``torch.svd_lowrank`` runs after every product.
+
+Fixed-accuracy mode (``tol=``) grows the basis block by block (blocked randQB,
+Martinsson & Voronin 2016) until ``||A - Q B||_F <= tol ||A||_F``, tracked as
+``||A||_F^2 - ||B||_F^2`` (reliable for ``tol`` down to about ``sqrt(eps)``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowrank import _validate as check
+from lowrank.linalg import sketching
+from lowrank.linalg.operator import Operator, as_operator, check_finite
+from lowrank.linalg.orthogonalize import NORMALIZERS, normalize, orthonormal
+
+
+def rsvd(
+    A,
+    rank: int,
+    *,
+    oversample: int = 10,
+    n_iter: int = 2,
+    normalizer: str = "auto",
+    sketch: str = "gaussian",
+    block_krylov: bool = False,
+    tol: float | None = None,
+    max_rank: int | None = None,
+    init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD ``A ~ U diag(S) Vh`` of rank ``rank``, by randomized range finding.
+
+    Args:
+        A: dense tensor ``(..., m, n)`` (batched), torch sparse COO/CSR ``(m, n)``, or a
+            :class:`lowrank.linalg.LinearOperator`.
+        rank: number of singular triplets, ``1 <= rank <= min(m, n)``. With ``tol`` it
+            is the block size by which the basis grows.
+        oversample: extra sketch columns (``l = rank + oversample``).
+        n_iter: power iterations (or Krylov blocks); 2 suits decaying spectra.
+        normalizer: ``"cholqr2"``, ``"qr"``, ``"lu"``, ``"none"`` or ``"auto"`` (CholeskyQR2
+            with its shifted and Householder fallbacks: stable for any input).
+        sketch: ``"gaussian"``, ``"rademacher"``, ``"srht"`` or ``"sparse_sign"``.
+        block_krylov: use the whole Krylov space instead of its last block.
+        tol: fixed-accuracy mode: smallest rank with ``||A - U S Vh||_F <= tol ||A||_F``
+            (up to ``max_rank``, default ``min(m, n)``); single matrices only.
+        init: ``(..., m, k)`` starting basis (e.g. the previous ``U``): warm start for
+            subspace tracking; random columns complete it to ``l``.
+        generator, seed: randomness. The test matrix is a function of ``seed`` alone
+            (counter-based), identical on every device; without ``seed`` one is drawn
+            from ``generator`` (torch's default generator when None).
+        compute_dtype: dtype of the computation; default float32 for float16/bfloat16
+            input (products may run in the input precision on CUDA), else the input's.
+
+    Returns:
+        ``(U, S, Vh)`` like ``torch.linalg.svd(A, full_matrices=False)`` truncated: ``U``
+        ``(..., m, k)``, ``S`` ``(..., k)`` descending, ``Vh`` ``(..., k, n)``, on ``A``'s
+        device in its dtype. Each column of ``U`` has its largest-magnitude entry
+        positive (a deterministic sign).
+    """
+    _check_options(rank, oversample, n_iter, normalizer, sketch, tol, max_rank)
+    check_finite(A)
+    op = as_operator(A, compute_dtype)
+    if not 1 <= rank <= min(op.m, op.n):
+        raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(op.m, op.n)}], got {rank}")
+    out_dtype = A.dtype if isinstance(A, torch.Tensor) else op.dtype
+    seed = resolve_seed(seed, generator)
+    normalizer = "cholqr2" if normalizer == "auto" else normalizer
+    if init is not None:
+        init = _check_init(init, op)
+    # Work on the side with fewer rows when that is free: the blocks are then shorter.
+    transpose = op.m < op.n and init is None and tol is None
+    if transpose:
+        op = op.transposed()
+    if tol is not None:
+        u, s, vh = _fixed_accuracy(op, rank, tol, max_rank, n_iter, normalizer, sketch, seed)
+    else:
+        u, s, vh = _fixed_rank(op, rank, oversample, n_iter, normalizer, sketch, block_krylov,
+                               init, seed)  # fmt: skip
+    if transpose:
+        u, vh = vh.mT, u.mT
+    u, vh = sign_convention(u, vh)
+    return u.to(out_dtype), s.to(out_dtype), vh.to(out_dtype)
+
+
+def _fixed_rank(op: Operator, rank, oversample, n_iter, normalizer, sketch, krylov, init, seed):
+    l = min(rank + oversample, op.m, op.n)
+    if init is None:
+        y = sketching.sketch_columns(op, l, sketch, seed)
+    elif init.shape[-1] >= l:
+        y = init[..., :l]
+    else:
+        y = torch.cat((init, sketching.sketch_columns(op, l - init.shape[-1], sketch, seed)), -1)
+    if krylov:
+        q = orthonormal(y, normalizer)
+        blocks = [q]
+        for _ in range(n_iter):
+            q = orthonormal(op.matmat(orthonormal(op.rmatmat(q), normalizer)), normalizer)
+            blocks.append(q)
+        # The Krylov space can be wider than the matrix is tall: Householder copes.
+        q = orthonormal(torch.cat(blocks, dim=-1), "qr")
+    else:
+        q = orthonormal(y, normalizer) if n_iter == 0 else normalize(y, normalizer)
+        for i in range(n_iter):
+            y = op.matmat(normalize(op.rmatmat(q), normalizer))
+            q = orthonormal(y, normalizer) if i == n_iter - 1 else normalize(y, normalizer)
+    return _project_and_decompose(op, q, rank)
+
+
+def _project_and_decompose(op: Operator, q: torch.Tensor, rank: int):
+    """``B^T = A^T Q`` and its SVD; ``U = Q U_B``, truncated to ``rank``."""
+    bt = op.rmatmat(q)
+    w, s, ubh = torch.linalg.svd(bt, full_matrices=False)
+    u = q @ ubh.mT
+    return u[..., :rank], s[..., :rank], w.mT[..., :rank, :]
+
+
+def _fixed_accuracy(op: Operator, block, tol, max_rank, n_iter, normalizer, sketch, seed):
+    if op.batch:
+        raise ValueError("tol= (fixed-accuracy mode) takes a single matrix, not a batch")
+    max_rank = min(op.m, op.n) if max_rank is None else min(max_rank, op.m, op.n)
+    norm_sq = op.frobenius_sq()
+    target = tol * tol * norm_sq
+    q = torch.zeros(op.m, 0, dtype=op.dtype, device=op.device)
+    bt = torch.zeros(op.n, 0, dtype=op.dtype, device=op.device)
+    energy = norm_sq
+    index = 0
+    while q.shape[-1] < max_rank and bool(energy > target):
+        k = min(block, max_rank - q.shape[-1])
+        y = sketching.sketch_columns(op, k, sketch, block_seed(seed, index))
+        for _ in range(n_iter):  # power iterations on the residual A - Q B
+            z = normalize(op.rmatmat(y) - bt @ (q.mT @ y), normalizer)
+            y = op.matmat(z) - q @ (bt.mT @ z)
+        qi = orthonormal(y - q @ (q.mT @ y), normalizer)
+        qi = orthonormal(qi - q @ (q.mT @ qi), normalizer)  # re-orthogonalise once
+        bti = op.rmatmat(qi)
+        q, bt = torch.cat((q, qi), -1), torch.cat((bt, bti), -1)
+        energy = energy - bti.double().square().sum()
+        index += 1
+    w, s, ubh = torch.linalg.svd(bt, full_matrices=False)
+    tail = norm_sq - torch.cumsum(s.double().square(), 0)
+    met = torch.nonzero(tail <= target)
+    k = int(met[0]) + 1 if met.numel() else s.shape[0]
+    return (q @ ubh.mT)[:, :k], s[:k], w.mT[:k]
+
+
+def sign_convention(u: torch.Tensor, vh: torch.Tensor):
+    """Flips singular pairs so each column of ``u`` has its largest-magnitude entry positive."""
+    index = u.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(u, -2, index))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return u * signs, vh * signs.mT
+
+
+def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        return seed
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+
+
+def block_seed(seed: int, index: int) -> int:
+    """A distinct seed per block of the fixed-accuracy mode (block 0 keeps ``seed``)."""
+    return (seed + index * 0x9E3779B97F4A7C15) % (2**63)
+
+
+def _check_options(rank, oversample, n_iter, normalizer, sketch, tol, max_rank):
+    check.positive_int("rank", rank)
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"oversample must be a non-negative integer, got {oversample!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+    if sketch not in sketching.SKETCHES:
+        raise ValueError(f"sketch must be one of {sketching.SKETCHES}, got {sketch!r}")
+    if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+    if max_rank is not None:
+        check.positive_int("max_rank", max_rank)
+
+
+def _check_init(init, op: Operator) -> torch.Tensor:
+    check.floating("init", init)
+    if init.dim() < 2 or init.shape[-2] != op.m:
+        raise ValueError(
+            f"init must be a (..., m, k) basis with m = {op.m} rows, got {tuple(init.shape)}"
+        )
+    if init.device != op.device:
+        raise ValueError(f"init is on {init.device}, A on {op.device}")
+    if tuple(init.shape[:-2]) not in ((), op.batch):
+        raise ValueError(f"init's batch shape {tuple(init.shape[:-2])} differs from A's {op.batch}")
+    if not bool(torch.isfinite(init).all()):
+        raise ValueError("init contains NaN or Inf")
+    return init.to(op.dtype)

@@ -1,0 +1,262 @@
+"""Random sketching primitives for randomized SVD: counter-based test matrices,
+the subsampled randomized Hadamard transform (SRHT) and sparse sign embeddings.
+
+- ``philox_fill_(out, kind, seed, stream)``: ``out.view(-1)[e]`` is draw ``e`` of the
+  Philox4x32-10 stream ``(seed, stream)`` (Salmon et al. 2011): standard normal
+  (Box-Muller, kind 0), Rademacher (kind 1) or uniform on (0, 1] (kind 2). The
+  values depend only on ``(seed, stream, e)``: the same on every device and process.
+- ``srht_rows(a, signs, cols, n2, scale)``: the rows of ``scale * A D H S`` with
+  ``D = diag(signs)``, ``H`` the ``n2 x n2`` Walsh-Hadamard matrix (rows of ``A``
+  zero-padded to ``n2 = 2^k``) and ``S`` the columns ``cols`` (Woolfe, Liberty,
+  Rokhlin & Tygert 2008), by a fast Walsh-Hadamard transform per row.
+- ``sparse_sign_rows(a, cols, signs, l)``: ``A S`` for the ``n x l`` sparse sign
+  matrix with ``S[j, cols[j, t]] = signs[j, t]`` (Clarkson & Woodruff 2013), by a
+  scatter per row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from lowrank import _native
+from lowrank import _validate as check
+from lowrank.ops._library import define, register_fake, register_kernel
+
+NORMAL, SIGN, UNIFORM = 0, 1, 2
+
+_FILL = define("philox_fill_(Tensor(a!) out, int kind, int seed, int stream) -> ()")
+_SRHT = define("srht_rows(Tensor a, Tensor signs, Tensor cols, int n2, float scale) -> Tensor")
+_SPARSE_SIGN = define("sparse_sign_rows(Tensor a, Tensor cols, Tensor signs, int l) -> Tensor")
+
+_FILL_DTYPES = {"cpu": (torch.float32, torch.float64),
+                "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}  # fmt: skip
+
+
+def philox_fill_(out: torch.Tensor, kind: int, seed: int, stream: int = 0) -> torch.Tensor:
+    """Fills a contiguous ``out`` with counter-based random draws; returns ``out``."""
+    _FILL(out, kind, seed, stream)
+    return out
+
+
+def random_matrix(shape, kind: int, seed: int, stream: int, dtype: torch.dtype, device):
+    """A new tensor of counter-based draws (see :func:`philox_fill_`)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return philox_fill_(out, kind, seed, stream)
+
+
+def srht_rows(a: torch.Tensor, signs: torch.Tensor, cols: torch.Tensor, n2: int, scale: float):
+    """Rows of ``scale * (A * signs) H_{n2}`` at columns ``cols``; ``a`` is ``(rows, n)``."""
+    return _SRHT(a, signs, cols, n2, scale)
+
+
+def sparse_sign_rows(a: torch.Tensor, cols: torch.Tensor, signs: torch.Tensor, l: int):
+    """``A @ S`` with ``S[j, cols[j, t]] += signs[j, t]``; ``a`` is ``(rows, n)``."""
+    return _SPARSE_SIGN(a, cols, signs, l)
+
+
+# ---- references ------------------------------------------------------------------------------
+
+
+def walsh_hadamard_reference(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform along the last dim (a power of two)."""
+    n2 = x.shape[-1]
+    h = 1
+    while h < n2:
+        pairs = x.reshape(*x.shape[:-1], n2 // (2 * h), 2, h)
+        x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]),
+                        dim=-2).reshape(*x.shape[:-1], n2)  # fmt: skip
+        h *= 2
+    return x
+
+
+def srht_rows_reference(a, signs, cols, n2, scale):
+    padded = torch.nn.functional.pad(a * signs, (0, n2 - a.shape[-1]))
+    return scale * walsh_hadamard_reference(padded)[..., cols]
+
+
+def sparse_sign_rows_reference(a, cols, signs, l):
+    n, nonzeros = cols.shape
+    dense = torch.zeros(n, l, dtype=a.dtype, device=a.device)
+    rows = torch.arange(n, device=a.device).repeat_interleave(nonzeros)
+    dense.index_put_((rows, cols.reshape(-1).long()), signs.reshape(-1), accumulate=True)
+    return a @ dense
+
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_reference(counter, stream: int, seed: int) -> np.ndarray:
+    """Philox4x32-10 words for an array of 64-bit counters: shape ``(len(counter), 4)``."""
+    counter = np.asarray(counter, dtype=np.uint64)
+    c0, c1 = counter & _MASK32, counter >> np.uint64(32)
+    c2 = np.full_like(counter, np.uint64(stream) & _MASK32)
+    c3 = np.full_like(counter, np.uint64(stream) >> np.uint64(32))
+    k0, k1 = np.uint64(seed) & _MASK32, np.uint64(seed) >> np.uint64(32)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c0
+        p1 = np.uint64(0xCD9E8D57) * c2
+        hi0, lo0 = p0 >> np.uint64(32), p0 & _MASK32
+        hi1, lo1 = p1 >> np.uint64(32), p1 & _MASK32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + np.uint64(0x9E3779B9)) & _MASK32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & _MASK32
+    return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
+
+
+def philox_fill_reference(out: torch.Tensor, kind: int, seed: int, stream: int = 0):
+    """Pure NumPy specification of :func:`philox_fill_` (float64 arithmetic)."""
+    e = np.arange(out.numel(), dtype=np.uint64)
+    if kind == SIGN:
+        words = philox4x32_reference(e >> np.uint64(7), stream, seed)
+        word = words[np.arange(e.size), ((e >> np.uint64(5)) & np.uint64(3)).astype(np.int64)]
+        bit = (word.astype(np.uint64) >> (e & np.uint64(31))) & np.uint64(1)
+        values = np.where(bit == 1, 1.0, -1.0)
+    else:
+        words = philox4x32_reference(e >> np.uint64(2), stream, seed).astype(np.float64)
+        uniform = (np.floor(words / 256.0) + 1.0) / 16777216.0
+        lane = (e & np.uint64(3)).astype(np.int64)
+        if kind == UNIFORM:
+            values = uniform[np.arange(e.size), lane]
+        else:
+            pair = lane & 2
+            u1, u2 = uniform[np.arange(e.size), pair], uniform[np.arange(e.size), pair + 1]
+            radius = np.sqrt(-2.0 * np.log(u1))
+            angle = 2.0 * np.pi * u2
+            values = radius * np.where(lane & 1, np.sin(angle), np.cos(angle))
+    out.copy_(torch.from_numpy(values).reshape(out.shape))
+    return out
+
+
+# ---- checks ------------------------------------------------------------------------------
+
+
+def _check_rows(name: str, a: torch.Tensor) -> None:
+    check.floating(name, a)
+    check.ndim(name, a, 2, "(rows, n)")
+
+
+def _check_srht(a, signs, cols, n2):
+    _check_rows("a", a)
+    check.same_dtype(a=a, signs=signs)
+    check.same_device(a=a, signs=signs, cols=cols)
+    n = a.shape[1]
+    if signs.shape != (n,):
+        raise ValueError(f"signs must have shape ({n},), got {tuple(signs.shape)}")
+    if cols.dtype != torch.int64 or cols.dim() != 1:
+        raise TypeError("cols must be a 1-D int64 tensor")
+    if n2 < max(n, 1) or n2 & (n2 - 1):
+        raise ValueError(f"n2 must be a power of two >= n = {n}, got {n2}")
+
+
+def _check_sparse_sign(a, cols, signs, l):
+    _check_rows("a", a)
+    check.same_dtype(a=a, signs=signs)
+    check.same_device(a=a, signs=signs, cols=cols)
+    if cols.dtype != torch.int32 or cols.dim() != 2 or cols.shape[0] != a.shape[1]:
+        raise ValueError(f"cols must be an int32 ({a.shape[1]}, nonzeros) tensor")
+    if signs.shape != cols.shape:
+        raise ValueError("signs must have the shape of cols")
+    check.positive_int("l", l)
+
+
+# ---- kernels ----------------------------------------------------------------------------------
+
+
+def _launch_args(t: torch.Tensor) -> tuple:
+    if t.is_cpu:
+        return (torch.get_num_threads(),)
+    return (t.device.index, _native.cuda_stream(t))
+
+
+def _native_module(t: torch.Tensor):
+    return _native._C if t.is_cpu else _native._cuda
+
+
+def _fill_kernel(out, kind, seed, stream):
+    check.floating("out", out)
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if kind not in (NORMAL, SIGN, UNIFORM):
+        raise ValueError(f"kind must be 0 (normal), 1 (sign) or 2 (uniform), got {kind}")
+    if not 0 <= seed < 2**63 or not 0 <= stream < 2**63:
+        raise ValueError("seed and stream must be in [0, 2**63)")
+    native = _native_module(out)
+    if native is None:
+        raise RuntimeError(f"philox_fill_ needs lowrank's native module for {out.device.type}")
+    if out.dtype not in _FILL_DTYPES[out.device.type]:
+        filled = philox_fill_(torch.empty_like(out, dtype=torch.float32), kind, seed, stream)
+        out.copy_(filled)
+        return
+    native.philox_fill(_native.DTYPE_CODES[out.dtype], out.data_ptr(), out.numel(), kind, seed,
+                       stream, *_launch_args(out))  # fmt: skip
+
+
+def _rows_native(a: torch.Tensor):
+    """The native module for a row-sketch of a, or None (upcast or fallback decided by caller)."""
+    if a.is_cpu:
+        return _native._C if a.dtype in _native.CPU_NATIVE_DTYPES else None
+    return _native._cuda if a.dtype in _native.CUDA_NATIVE_DTYPES else None
+
+
+def _srht_kernel(a, signs, cols, n2, scale):
+    _check_srht(a, signs, cols, n2)
+    native = _rows_native(a)
+    too_big = not a.is_cpu and n2 * 4 > torch.cuda.get_device_properties(
+        a.device).shared_memory_per_block_optin  # fmt: skip
+    if native is None or too_big:
+        if a.is_cpu and a.dtype not in _native.CPU_NATIVE_DTYPES:
+            return _srht_kernel(a.float(), signs.float(), cols, n2, scale).to(a.dtype)
+        _native.warn_fallback("srht_rows", f"no native kernel for {a.dtype} rows of {n2}")
+        return srht_rows_reference(a, signs, cols, n2, scale)
+    a, signs, cols = a.contiguous(), signs.contiguous(), cols.contiguous()
+    out = _native.new_output((a.shape[0], cols.shape[0]), a)
+    native.srht_rows(_native.DTYPE_CODES[a.dtype], a.data_ptr(), a.shape[0], a.shape[1],
+                     signs.data_ptr(), cols.data_ptr(), cols.shape[0], n2, scale, out.data_ptr(),
+                     *_launch_args(a))  # fmt: skip
+    return out
+
+
+def _sparse_sign_kernel(a, cols, signs, l):
+    _check_sparse_sign(a, cols, signs, l)
+    native = _rows_native(a)
+    if native is None:
+        if a.is_cpu and a.dtype not in _native.CPU_NATIVE_DTYPES:
+            return _sparse_sign_kernel(a.float(), cols, signs.float(), l).to(a.dtype)
+        _native.warn_fallback("sparse_sign_rows", f"no native kernel for {a.dtype}")
+        return sparse_sign_rows_reference(a, cols, signs, l)
+    a, cols, signs = a.contiguous(), cols.contiguous(), signs.contiguous()
+    out = _native.new_output((a.shape[0], l), a)
+    native.sparse_sign_rows(_native.DTYPE_CODES[a.dtype], a.data_ptr(), a.shape[0], a.shape[1],
+                            cols.data_ptr(), signs.data_ptr(), cols.shape[1], l, out.data_ptr(),
+                            *_launch_args(a))  # fmt: skip
+    return out
+
+
+for _device in ("cpu", "cuda"):
+    register_kernel(_FILL, _device)(_fill_kernel)
+    register_kernel(_SRHT, _device)(_srht_kernel)
+    register_kernel(_SPARSE_SIGN, _device)(_sparse_sign_kernel)
+
+
+@register_fake(_FILL)
+def _fill_fake(out, kind, seed, stream):
+    return None
+
+
+@register_fake(_SRHT)
+def _srht_fake(a, signs, cols, n2, scale):
+    _check_srht(a, signs, cols, n2)
+    return a.new_empty((a.shape[0], cols.shape[0]))
+
+
+@register_fake(_SPARSE_SIGN)
+def _sparse_sign_fake(a, cols, signs, l):
+    _check_sparse_sign(a, cols, signs, l)
+    return a.new_empty((a.shape[0], l))
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
