@@ -1,6 +1,7 @@
 """The one timing harness every benchmark suite uses.
 
-- CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (median over blocks).
+- CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (median over blocks), with
+  ``torch.get_num_threads()`` threads.
 - CUDA: CUDA events around each call after warm-up, median of many calls, with
   several input sets rotated so repeated calls do not run from a warm L2.
 - ``Result`` is one measured (suite, case, implementation) row; ``bench/run.py``
@@ -60,7 +61,9 @@ def time_ms(
         return statistics.median(times)
     from torch.utils import benchmark
 
-    timer = benchmark.Timer(stmt="call()", globals={"call": call})
+    # Timer defaults to one thread; measure with the threads torch (and lowrank) use.
+    timer = benchmark.Timer(stmt="call()", globals={"call": call},
+                            num_threads=torch.get_num_threads())  # fmt: skip
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 

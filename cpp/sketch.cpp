@@ -31,31 +31,33 @@ namespace {
 
 enum class Distribution : int { Normal = 0, Sign = 1, Uniform = 2 };
 
-void host_sincos(double x, double& s, double& c) {
-  s = std::sin(x);
-  c = std::cos(x);
-}
-double host_log(double x) {
-  return std::log(x);
-}
-double host_sqrt(double x) {
-  return std::sqrt(x);
-}
-
+// One Philox call gives four values (two Box-Muller pairs for normals), so the
+// loop runs over groups of four elements.
 template <typename T>
 void philox_fill(T* out, int64_t n, Distribution kind, uint64_t seed, uint64_t stream,
                  int threads) {
-  parallel_chunks(n, threads, 4096, [&](int64_t begin, int64_t end, int) {
-    for (int64_t e = begin; e < end; ++e) {
-      double v;
-      switch (kind) {
-        case Distribution::Normal:
-          v = normal_at(uint64_t(e), stream, seed, host_sincos, host_log, host_sqrt);
-          break;
-        case Distribution::Sign: v = sign_at(uint64_t(e), stream, seed); break;
-        default: v = uniform_open_closed(philox4x32(uint64_t(e) >> 2, stream, seed).v[e & 3]);
+  if (kind == Distribution::Sign) {
+    parallel_chunks(n, threads, 4096, [&](int64_t begin, int64_t end, int) {
+      for (int64_t e = begin; e < end; ++e) out[e] = T(sign_at(uint64_t(e), stream, seed));
+    });
+    return;
+  }
+  const int64_t groups = (n + 3) / 4;
+  parallel_chunks(groups, threads, 1024, [&](int64_t begin, int64_t end, int) {
+    for (int64_t g = begin; g < end; ++g) {
+      const Philox4 r = philox4x32(uint64_t(g), stream, seed);
+      // Box-Muller in the output's precision (float math for float32 output).
+      T v[4];
+      for (int lane = 0; lane < 4; ++lane) v[lane] = T(uniform_open_closed(r.v[lane]));
+      if (kind == Distribution::Normal) {
+        for (int pair = 0; pair < 4; pair += 2) {
+          const T radius = std::sqrt(T(-2) * std::log(v[pair]));
+          const T angle = T(6.283185307179586) * v[pair + 1];
+          v[pair] = radius * std::cos(angle);
+          v[pair + 1] = radius * std::sin(angle);
+        }
       }
-      out[e] = T(v);
+      for (int lane = 0; lane < 4 && 4 * g + lane < n; ++lane) out[4 * g + lane] = v[lane];
     }
   });
 }

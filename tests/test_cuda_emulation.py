@@ -19,6 +19,14 @@ import torch
 from conftest import relative_error
 
 from lowrank.ops.kron import kron_matmul_backward_reference
+from lowrank.ops.sketch import (
+    NORMAL,
+    SIGN,
+    UNIFORM,
+    philox_fill_reference,
+    sparse_sign_rows_reference,
+    srht_rows_reference,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent / "cuda_emulation"
@@ -35,20 +43,30 @@ def cuda_include() -> Path | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
+def build(entry: str, folder: Path) -> ctypes.CDLL:
+    """Compiles tests/cuda_emulation/<entry> with the kernels it includes, for the CPU."""
     include = cuda_include()
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if include is None or compiler is None:
         pytest.skip("needs the CUDA headers and a C++20 compiler")
-    library = tmp_path_factory.mktemp("emulation") / "kron_emulated.so"
+    library = folder / (Path(entry).stem + ".so")
     command = [
         compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
         f"-I{HERE}", f"-I{ROOT / 'cuda'}", f"-I{ROOT / 'cpp' / 'include'}", f"-I{include}",
-        str(HERE / "kron_entry.cpp"), "-o", str(library),
+        str(HERE / entry), "-o", str(library),
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, text=True)
     return ctypes.CDLL(str(library))
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return build("kron_entry.cpp", tmp_path_factory.mktemp("emulation"))
+
+
+@pytest.fixture(scope="module")
+def emulated_sketch(tmp_path_factory):
+    return build("sketch_entry.cpp", tmp_path_factory.mktemp("emulation"))
 
 
 def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
@@ -96,3 +114,41 @@ def test_factor_gradient_kernel(emulated, tokens, p, q, r, s):
     )
     assert relative_error(da, ref_da) <= 1e-5
     assert relative_error(db, ref_db) <= 1e-5
+
+
+# ---- sketches ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [NORMAL, SIGN, UNIFORM])
+def test_philox_fill_kernel(emulated_sketch, kind):
+    out = torch.full((1001,), float("nan"))
+    emulated_sketch.philox_fill_f32(ptr(out), ctypes.c_int64(out.numel()), kind,
+                                    ctypes.c_uint64(77), ctypes.c_uint64(3), 2)  # fmt: skip
+    ref = philox_fill_reference(torch.empty(1001, dtype=torch.float64), kind, 77, 3)
+    assert float((out.double() - ref).abs().max()) <= 1e-5
+
+
+def test_srht_rows_kernel(emulated_sketch):
+    rows, n, n2, l = 5, 13, 16, 6
+    a, signs = torch.randn(rows, n), torch.randn(n).sign()
+    cols = torch.randperm(n2)[:l]
+    out = torch.full((rows, l), float("nan"))
+    emulated_sketch.srht_rows_f32(ptr(a), ctypes.c_int64(rows), ctypes.c_int64(n), ptr(signs),
+                                  ptr(cols), ctypes.c_int64(l), ctypes.c_int64(n2),
+                                  ctypes.c_float(0.5), ptr(out), 2)  # fmt: skip
+    assert (
+        relative_error(out, srht_rows_reference(a.double(), signs.double(), cols, n2, 0.5)) <= 1e-5
+    )
+
+
+def test_sparse_sign_rows_kernel(emulated_sketch):
+    rows, n, l, z = 4, 17, 7, 3
+    a = torch.randn(rows, n)
+    cols = torch.stack([torch.randperm(l)[:z] for _ in range(n)]).to(torch.int32)
+    signs = torch.randn(n, z).sign()
+    out = torch.full((rows, l), float("nan"))
+    emulated_sketch.sparse_sign_rows_f32(ptr(a), ctypes.c_int64(rows), ctypes.c_int64(n),
+                                         ptr(cols), ptr(signs), ctypes.c_int64(z),
+                                         ctypes.c_int64(l), ptr(out), 3)  # fmt: skip
+    ref = sparse_sign_rows_reference(a.double(), cols, signs.double(), l)
+    assert relative_error(out, ref) <= 1e-5

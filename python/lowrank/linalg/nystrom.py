@@ -14,7 +14,7 @@ import torch
 
 from lowrank import _validate as check
 from lowrank.linalg import sketching
-from lowrank.linalg.operator import as_operator, check_finite
+from lowrank.linalg.operator import as_operator, check_finite_product
 from lowrank.linalg.orthogonalize import householder_qr
 from lowrank.linalg.rsvd import resolve_seed
 
@@ -34,7 +34,6 @@ def nystrom_eigh(
     descending) and eigenvectors ``(..., n, rank)``.
     """
     check.positive_int("rank", rank)
-    check_finite(A)
     op = as_operator(A)
     if op.m != op.n:
         raise ValueError(f"A must be square, got {op.m} x {op.n}")
@@ -45,6 +44,7 @@ def nystrom_eigh(
                                   op.dtype, op.device)  # fmt: skip
     omega = householder_qr(omega)
     y = op.matmat(omega)
+    check_finite_product(y)
     nu = torch.finfo(op.dtype).eps * torch.linalg.matrix_norm(y).clamp_min(1e-300)
     y = y + nu[..., None, None] * omega
     gram = omega.mT @ y

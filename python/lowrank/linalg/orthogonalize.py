@@ -60,10 +60,21 @@ def orthonormal(y: torch.Tensor, normalizer: str) -> torch.Tensor:
     return householder_qr(y) if normalizer == "qr" else cholqr2(y)
 
 
+def cholqr(y: torch.Tensor) -> torch.Tensor:
+    """One (shifted if needed) CholeskyQR pass: well-conditioned, orthonormal to about
+    ``eps * cond(y)^2``; enough between power iterations, where only conditioning matters."""
+    q = _cholesky_pass(y, shift=False)
+    if q is None:
+        q = _cholesky_pass(y, shift=True)
+    return householder_qr(y) if q is None else q
+
+
 def normalize(y: torch.Tensor, normalizer: str) -> torch.Tensor:
     """The between-iterations normalisation named by ``normalizer`` (never "auto")."""
     if normalizer == "none":
         return y
     if normalizer == "lu":
         return lu_normalize(y)
-    return orthonormal(y, normalizer)
+    if normalizer == "qr":
+        return householder_qr(y)
+    return cholqr(y)

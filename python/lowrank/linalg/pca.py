@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lowrank.linalg.operator import Operator, as_operator, check_finite
+from lowrank.linalg.operator import Operator, as_operator
 from lowrank.linalg.rsvd import rsvd
 
 
@@ -34,7 +34,6 @@ def pca(A, rank: int, center: bool = True, **rsvd_options):
     """
     if not center:
         return rsvd(A, rank, **rsvd_options)
-    check_finite(A)
     op = as_operator(A, rsvd_options.pop("compute_dtype", None))
     if op.batch:
         raise ValueError("pca takes a single (m, n) matrix")

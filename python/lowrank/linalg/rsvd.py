@@ -24,7 +24,7 @@ import torch
 
 from lowrank import _validate as check
 from lowrank.linalg import sketching
-from lowrank.linalg.operator import Operator, as_operator, check_finite
+from lowrank.linalg.operator import Operator, as_operator, check_finite_product
 from lowrank.linalg.orthogonalize import NORMALIZERS, normalize, orthonormal
 
 
@@ -74,7 +74,6 @@ def rsvd(
         positive (a deterministic sign).
     """
     _check_options(rank, oversample, n_iter, normalizer, sketch, tol, max_rank)
-    check_finite(A)
     op = as_operator(A, compute_dtype)
     if not 1 <= rank <= min(op.m, op.n):
         raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(op.m, op.n)}], got {rank}")
@@ -102,10 +101,14 @@ def _fixed_rank(op: Operator, rank, oversample, n_iter, normalizer, sketch, kryl
     l = min(rank + oversample, op.m, op.n)
     if init is None:
         y = sketching.sketch_columns(op, l, sketch, seed)
-    elif init.shape[-1] >= l:
-        y = init[..., :l]
     else:
-        y = torch.cat((init, sketching.sketch_columns(op, l - init.shape[-1], sketch, seed)), -1)
+        # Warm start: the test matrix A^T U_prev points along the previous right
+        # singular vectors; random columns complete it to l.
+        y = op.matmat(op.rmatmat(init[..., :l]))
+        if init.shape[-1] < l:
+            extra = sketching.sketch_columns(op, l - init.shape[-1], sketch, seed)
+            y = torch.cat((y, extra), dim=-1)
+    check_finite_product(y)
     if krylov:
         q = orthonormal(y, normalizer)
         blocks = [q]
@@ -123,11 +126,24 @@ def _fixed_rank(op: Operator, rank, oversample, n_iter, normalizer, sketch, kryl
 
 
 def _project_and_decompose(op: Operator, q: torch.Tensor, rank: int):
-    """``B^T = A^T Q`` and its SVD; ``U = Q U_B``, truncated to ``rank``."""
+    """``B^T = A^T Q`` and its SVD; ``U = Q U_B``, truncated to ``rank``.
+
+    The tall ``B^T`` (``n x l``) is first reduced by CholeskyQR2, ``B^T = Q_B R``, so the
+    SVD runs on the ``l x l`` factor: ``R = W S U_B^T`` gives ``B = U_B S (Q_B W)^T``.
+    """
     bt = op.rmatmat(q)
-    w, s, ubh = torch.linalg.svd(bt, full_matrices=False)
-    u = q @ ubh.mT
-    return u[..., :rank], s[..., :rank], w.mT[..., :rank, :]
+    qb, r = _qr_with_factor(bt)
+    w, s, ubh = torch.linalg.svd(r)
+    u = q @ ubh.mT[..., :rank]
+    vh = (qb @ w[..., :rank]).mT
+    return u, s[..., :rank], vh
+
+
+def _qr_with_factor(bt: torch.Tensor):
+    """``bt = Q R`` with Q orthonormal (CholeskyQR2, Householder when that fails)."""
+    q = orthonormal(bt, "cholqr2")
+    r = q.mT @ bt
+    return q, r
 
 
 def _fixed_accuracy(op: Operator, block, tol, max_rank, n_iter, normalizer, sketch, seed):
@@ -143,6 +159,7 @@ def _fixed_accuracy(op: Operator, block, tol, max_rank, n_iter, normalizer, sket
     while q.shape[-1] < max_rank and bool(energy > target):
         k = min(block, max_rank - q.shape[-1])
         y = sketching.sketch_columns(op, k, sketch, block_seed(seed, index))
+        check_finite_product(y)
         for _ in range(n_iter):  # power iterations on the residual A - Q B
             z = normalize(op.rmatmat(y) - bt @ (q.mT @ y), normalizer)
             y = op.matmat(z) - q @ (bt.mT @ z)
