@@ -8,6 +8,7 @@ namespace py = pybind11;
 namespace lowrank {
 void bind_kron(py::module_& m);
 void bind_sketch(py::module_& m);
+void bind_monarch(py::module_& m);
 }  // namespace lowrank
 
 PYBIND11_MODULE(_C, m) {
@@ -22,4 +23,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
   lowrank::bind_kron(m);
   lowrank::bind_sketch(m);
+  lowrank::bind_monarch(m);
 }

@@ -2,6 +2,7 @@
 
 from lowrank.linalg.error import ErrorEstimate, svd_error
 from lowrank.linalg.kronecker import KroneckerFactors, kron_rearrange, nearest_kronecker
+from lowrank.linalg.monarch import MonarchFactors, monarch_project
 from lowrank.linalg.nystrom import nystrom_eigh
 from lowrank.linalg.operator import LinearOperator
 from lowrank.linalg.pca import pca
@@ -11,7 +12,9 @@ __all__ = [
     "ErrorEstimate",
     "KroneckerFactors",
     "LinearOperator",
+    "MonarchFactors",
     "kron_rearrange",
+    "monarch_project",
     "nearest_kronecker",
     "nystrom_eigh",
     "pca",

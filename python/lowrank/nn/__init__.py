@@ -2,5 +2,6 @@
 
 from lowrank.nn.kron import KronLinear
 from lowrank.nn.kron_adapter import KronAdapter
+from lowrank.nn.monarch import MonarchLinear
 
-__all__ = ["KronAdapter", "KronLinear"]
+__all__ = ["KronAdapter", "KronLinear", "MonarchLinear"]

@@ -13,6 +13,7 @@ from lowrank.ops.kron import (
     kron_matmul_add_reference,
     kron_matmul_reference,
 )
+from lowrank.ops.monarch import monarch_matmul, monarch_matmul_reference
 
 __all__ = [
     "kron_matmul",
@@ -20,5 +21,7 @@ __all__ = [
     "kron_matmul_add_",
     "kron_matmul_add_reference",
     "kron_matmul_reference",
+    "monarch_matmul",
+    "monarch_matmul_reference",
     "sketch",
 ]

@@ -1,0 +1,218 @@
+"""monarch_matmul, MonarchLinear and monarch_project."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES, assert_close_lowp, relative_error
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lowrank.linalg import monarch_project
+from lowrank.nn import MonarchLinear
+from lowrank.ops import monarch_matmul, monarch_matmul_reference
+
+
+def dense_spec(x, w1, w2):
+    """The definition with explicit block-diagonal matrices and permutations, float64."""
+    k, _, p = w1.shape
+    l, s, r = w2.shape
+    b = x.numel() // (k * p)
+    x = x.double().reshape(b, k * p)
+    h = x @ torch.block_diag(*w1.double()).T  # (b, k*q)
+    h = h.reshape(b, r, l).transpose(1, 2).reshape(b, l * r)
+    y = h @ torch.block_diag(*w2.double()).T  # (b, l*s)
+    return y.reshape(b, l, s).transpose(1, 2).reshape(b, s * l)
+
+
+def assert_rounding_close(out, x, w1, w2, tol):
+    """|out - exact| <= tol * (|x| through |w1|, |w2|): float rounding with cancellation."""
+    exact = dense_spec(x, w1, w2)
+    scale = dense_spec(x.abs(), w1.abs(), w2.abs())
+    assert bool(((out.double().reshape(exact.shape) - exact).abs() <= tol * scale + 1e-300).all())
+
+
+@st.composite
+def shapes(draw):
+    k, q, p = draw(st.integers(1, 5)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    divisors = [d for d in range(1, k * q + 1) if (k * q) % d == 0]
+    l = draw(st.sampled_from(divisors))
+    return k, q, p, l, draw(st.integers(1, 6)), k * q // l
+
+
+def make(batch, shape, dtype, device):
+    k, q, p, l, s, r = shape
+    x = torch.randn(*batch, k * p, dtype=dtype, device=device)
+    return (
+        x,
+        torch.randn(k, q, p, dtype=dtype, device=device),
+        torch.randn(l, s, r, dtype=dtype, device=device),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(shape=shapes(), batch=st.lists(st.integers(0, 4), max_size=3),
+       dtype=st.sampled_from([torch.float32, torch.float64]))  # fmt: skip
+def test_forward_matches_definition(device, shape, batch, dtype):
+    x, w1, w2 = make(batch, shape, dtype, device)
+    y = monarch_matmul(x, w1, w2)
+    l, s = shape[3], shape[4]
+    assert y.shape == (*batch, l * s)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_rounding_close(y, x, w1, w2, tol)
+    assert_rounding_close(monarch_matmul_reference(x, w1, w2), x, w1, w2, tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(shape=shapes(), batch=st.lists(st.integers(0, 3), max_size=2),
+       need=st.sampled_from([(True, True, True), (True, False, False), (False, True, False),
+                             (False, False, True)]))  # fmt: skip
+def test_backward_matches_autograd_of_definition(device, shape, batch, need):
+    x, w1, w2 = make(batch, shape, torch.float64, device)
+    for t, f in zip((x, w1, w2), need):
+        t.requires_grad_(f)
+    grad = torch.randn(*batch, shape[3] * shape[4], dtype=torch.float64, device=device)
+    monarch_matmul(x, w1, w2).backward(grad)
+    x2, a2, b2 = (t.detach().clone().requires_grad_(f) for t, f in zip((x, w1, w2), need))
+    dense_spec(x2, a2, b2).reshape(grad.shape).backward(grad)
+    for t, t2, f in zip((x, w1, w2), (x2, a2, b2), need):
+        assert (relative_error(t.grad, t2.grad) <= 1e-12) if f else t.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(device, dtype):
+    x, w1, w2 = make((40,), (4, 6, 5, 8, 3, 3), dtype, device)
+    ref64 = dense_spec(x, w1, w2)
+    assert_close_lowp(monarch_matmul(x, w1, w2), ref64, monarch_matmul_reference(x, w1, w2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_larger_square_case(device):
+    x, w1, w2 = make((300,), (16, 16, 16, 16, 16, 16), torch.float32, device)
+    assert relative_error(monarch_matmul(x, w1, w2), dense_spec(x, w1, w2)) <= 1e-5
+
+
+def test_gradcheck_and_opcheck():
+    x, w1, w2 = make((3,), (2, 3, 2, 3, 2, 2), torch.float64, "cpu")
+    inputs = tuple(t.requires_grad_() for t in (x, w1, w2))
+    assert torch.autograd.gradcheck(monarch_matmul, inputs)
+    x, w1, w2 = make((2, 5), (3, 4, 2, 2, 3, 6), torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.lowrank.monarch_matmul.default, (x, w1, w2))
+    w1.requires_grad_()
+    torch.library.opcheck(torch.ops.lowrank.monarch_matmul.default, (x, w1, w2))
+    grad = torch.randn(2, 5, 6)
+    torch.library.opcheck(torch.ops.lowrank.monarch_matmul_backward.default,
+                          (grad, x, w1.detach(), w2, True, True, True))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ((torch.randn(5, 11), torch.randn(3, 4, 4), torch.randn(4, 3, 3)), ValueError,
+         r"x.shape\[-1\] must be 12"),
+        ((torch.randn(5, 12), torch.randn(3, 4, 4), torch.randn(5, 3, 3)), ValueError, "l\\*r"),
+        ((torch.randn(5, 12), torch.randn(3, 4), torch.randn(4, 3, 3)), ValueError,
+         "w1 must be 3-D"),
+        ((torch.randn(5, 12), torch.randn(3, 4, 4).double(), torch.randn(4, 3, 3)), TypeError,
+         "dtype"),
+        ((torch.randn(5, 12), torch.randn(3, 4, 4, device="meta"), torch.randn(4, 3, 3)),
+         ValueError, "one device"),
+    ],
+)  # fmt: skip
+def test_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        monarch_matmul(*args)
+
+
+# ---- layer ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("in_f, out_f, nblocks", [(64, 64, 4), (60, 36, 4), (37, 50, 3),
+                                                  (16, 96, 8)])  # fmt: skip
+def test_monarch_linear_matches_dense(device, in_f, out_f, nblocks):
+    layer = MonarchLinear(in_f, out_f, nblocks, device=device, dtype=torch.float64)
+    x = torch.randn(4, 3, in_f, dtype=torch.float64, device=device)
+    assert relative_error(layer(x), F.linear(x, layer.to_dense(), layer.bias)) <= 1e-12
+    assert layer.to_dense().shape == (out_f, in_f)
+
+
+def test_monarch_linear_layout_and_init():
+    layer = MonarchLinear(1024, 4096, nblocks=4, bias=False)
+    assert layer.w1.shape == (4, 256, 256) and layer.w2.shape == (4, 1024, 256)
+    assert float(layer.w1.abs().max()) <= 1 / 16 and float(layer.w2.abs().max()) <= 1 / 16
+    with pytest.raises(ValueError, match="nblocks"):
+        MonarchLinear(3, 8, nblocks=4)
+    assert "w1=(4, 256, 256)" in repr(layer)
+
+
+def test_compile_fullgraph():
+    layer = MonarchLinear(48, 40, 4)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 48, requires_grad=True)
+    y = compiled(x)
+    assert relative_error(y, layer(x)) <= 1e-6
+    y.sum().backward()
+    assert layer.w1.grad is not None and x.grad is not None
+
+
+# ---- projection ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k, l, rank", [(4, 4, 1), (3, 5, 2), (2, 6, 1)])
+def test_projection_recovers_random_monarch(k, l, rank):
+    p, s = 5, 4
+    w1 = torch.randn(k, l * rank, p, dtype=torch.float64)
+    w2 = torch.randn(l, s, k * rank, dtype=torch.float64)
+    w = monarch_matmul(torch.eye(k * p, dtype=torch.float64), w1, w2).T
+    fit = monarch_project(w, (k, l), rank)
+    assert fit.relative_error <= 1e-12
+    rebuilt = monarch_matmul(torch.eye(k * p, dtype=torch.float64), fit.w1, fit.w2).T
+    assert relative_error(rebuilt, w) <= 1e-12
+
+
+def test_projection_recovers_kronecker_products():
+    a, b = torch.randn(3, 3, dtype=torch.float64), torch.randn(5, 5, dtype=torch.float64)
+    assert monarch_project(torch.kron(a, b), (3, 5)).relative_error <= 1e-12
+    hadamard = torch.ones(1, 1, dtype=torch.float64)
+    for _ in range(10):
+        hadamard = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64),
+                              hadamard)  # fmt: skip
+    assert monarch_project(hadamard, 32).relative_error <= 1e-12
+
+
+def test_projection_is_optimal_per_block():
+    """Perturbing the projection's factors never lowers the error."""
+    w = torch.randn(24, 24, dtype=torch.float64)
+    fit = monarch_project(w, 4, 2)
+    eye = torch.eye(24, dtype=torch.float64)
+    best = float((monarch_matmul(eye, fit.w1, fit.w2).T - w).norm())
+    assert abs(best / float(w.norm()) - fit.relative_error) <= 1e-12
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        w1 = fit.w1 + 1e-3 * torch.randn(fit.w1.shape, generator=g, dtype=torch.float64)
+        w2 = fit.w2 + 1e-3 * torch.randn(fit.w2.shape, generator=g, dtype=torch.float64)
+        assert float((monarch_matmul(eye, w1, w2).T - w).norm()) >= best - 1e-12
+
+
+def test_from_dense_reproduces_monarch_linear():
+    source = MonarchLinear(60, 36, 4, dtype=torch.float64)
+    linear = torch.nn.Linear(60, 36, dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.copy_(source.to_dense())
+        linear.bias.copy_(source.bias)
+    # Each block of the source has at most ceil(q / l) terms: that rank reproduces it.
+    rank = -(-source.w1.shape[1] // 4)
+    fitted = MonarchLinear.from_dense(linear, 4, rank=rank)
+    assert fitted.projection_error <= 1e-12
+    x = torch.randn(7, 60, dtype=torch.float64)
+    assert relative_error(fitted(x), linear(x)) <= 1e-12
+
+
+def test_projection_bad_input():
+    with pytest.raises(ValueError, match="divisible"):
+        monarch_project(torch.randn(10, 10), 3)
+    with pytest.raises(ValueError, match="rank"):
+        monarch_project(torch.randn(8, 8), 4, rank=3)
