@@ -9,6 +9,7 @@ namespace py = pybind11;
 namespace lowrank {
 void bind_kron(py::module_& m);
 void bind_sketch(py::module_& m);
+void bind_monarch(py::module_& m);
 }  // namespace lowrank
 
 PYBIND11_MODULE(_cuda, m) {
@@ -21,4 +22,5 @@ PYBIND11_MODULE(_cuda, m) {
   });
   lowrank::bind_kron(m);
   lowrank::bind_sketch(m);
+  lowrank::bind_monarch(m);
 }

@@ -19,6 +19,7 @@ import torch
 from conftest import relative_error
 
 from lowrank.ops.kron import kron_matmul_backward_reference
+from lowrank.ops.monarch import monarch_matmul_backward_reference, monarch_matmul_reference
 from lowrank.ops.sketch import (
     NORMAL,
     SIGN,
@@ -152,3 +153,34 @@ def test_sparse_sign_rows_kernel(emulated_sketch):
                                          ctypes.c_int64(l), ptr(out), 3)  # fmt: skip
     ref = sparse_sign_rows_reference(a.double(), cols, signs.double(), l)
     assert relative_error(out, ref) <= 1e-5
+
+
+# ---- Monarch ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emulated_monarch(tmp_path_factory):
+    return build("monarch_entry.cpp", tmp_path_factory.mktemp("emulation"))
+
+
+MONARCH_SHAPES = [(3, 4, 3, 4, 6, 2, 2), (5, 2, 6, 3, 4, 5, 3), (2, 4, 4, 4, 4, 4, 4)]
+
+
+@pytest.mark.parametrize("tokens, k, q, p, l, s, r", MONARCH_SHAPES)
+def test_monarch_kernels(emulated_monarch, tokens, k, q, p, l, s, r):
+    x, w1, w2 = torch.randn(tokens, k * p), torch.randn(k, q, p), torch.randn(l, s, r)
+    y = torch.full((tokens, l * s), float("nan"))
+    emulated_monarch.monarch_forward_f32(ptr(x), ptr(w1), ptr(w2), ptr(y), ctypes.c_int64(tokens),
+                                         k, q, p, l, s, r, 2)  # fmt: skip
+    assert relative_error(y, monarch_matmul_reference(x.double(), w1.double(), w2.double())) <= 1e-5
+    dy = torch.randn(tokens, l * s)
+    dx = torch.full_like(x, float("nan"))
+    dw1, dw2 = torch.full_like(w1, float("nan")), torch.full_like(w2, float("nan"))
+    workspace = torch.full((2 * tokens * k * q,), float("nan"))
+    emulated_monarch.monarch_backward_f32(ptr(dy), ptr(x), ptr(w1), ptr(w2), ptr(dx), ptr(dw1),
+                                          ptr(dw2), ptr(workspace), ctypes.c_int64(tokens), k, q,
+                                          p, l, s, r, 2)  # fmt: skip
+    refs = monarch_matmul_backward_reference(dy.double(), x.double(), w1.double(), w2.double(),
+                                             True, True, True)  # fmt: skip
+    for got, ref in zip((dx, dw1, dw2), refs):
+        assert relative_error(got, ref) <= 1e-5

@@ -175,12 +175,18 @@ def _backward_kernel(grad, x, w1, w2, need_x, need_w1, need_w2):
     dx = _native.new_output(x.shape, x) if need_x else empty
     dw1 = torch.zeros(w1.shape, dtype=acc, device=x.device) if need_w1 else empty
     dw2 = torch.zeros(w2.shape, dtype=acc, device=x.device) if need_w2 else empty
-    native.monarch_matmul_backward(
+    tokens = math.prod(x.shape[:-1])
+    pointers = (
         _native.DTYPE_CODES[x.dtype], grad.data_ptr(), x.data_ptr(), w1.data_ptr(),
         w2.data_ptr(), dx.data_ptr() if need_x else 0, dw1.data_ptr() if need_w1 else 0,
-        dw2.data_ptr() if need_w2 else 0, math.prod(x.shape[:-1]), k, q, p, l, s, r,
-        *launch_args,
+        dw2.data_ptr() if need_w2 else 0,
     )  # fmt: skip
+    if x.is_cpu:
+        native.monarch_matmul_backward(*pointers, tokens, k, q, p, l, s, r, *launch_args)
+    else:  # h and dh of every token, float32, freed on return
+        workspace = torch.empty(2 * tokens * k * q, dtype=torch.float32, device=x.device)
+        native.monarch_matmul_backward(*pointers, workspace.data_ptr(), tokens, k, q, p, l, s, r,
+                                       *launch_args)  # fmt: skip
     return dx, dw1.to(w1.dtype), dw2.to(w2.dtype)
 
 
