@@ -34,6 +34,7 @@ SUITES = {
     "dispatch": "bench_dispatch",
     "kron": "bench_kron",
     "kron_adapter": "bench_kron_adapter",
+    "monarch": "bench_monarch",
     "rsvd": "bench_rsvd",
 }
 

@@ -88,6 +88,18 @@ def test_low_precision(device, dtype):
     assert_close_lowp(monarch_matmul(x, w1, w2), ref64, monarch_matmul_reference(x, w1, w2))
 
 
+def test_reference_dispatch_rule_keeps_results():
+    """Small batches with large blocks take the reference path; results do not change."""
+    from lowrank.ops.monarch import reference_is_faster
+
+    x, w1, w2 = make((8,), (2, 64, 64, 2, 64, 64), torch.float64, "cpu")
+    assert reference_is_faster(x, w1)
+    assert_rounding_close(monarch_matmul(x, w1, w2), x, w1, w2, 1e-12)
+    x_big = torch.randn(300, 128, dtype=torch.float64)
+    assert not reference_is_faster(x_big, w1)
+    assert_rounding_close(monarch_matmul(x_big, w1, w2), x_big, w1, w2, 1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_larger_square_case(device):
     x, w1, w2 = make((300,), (16, 16, 16, 16, 16, 16), torch.float32, device)

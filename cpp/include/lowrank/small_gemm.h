@@ -10,7 +10,9 @@
 // Cfg::NV vectors of accumulators held in registers.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 
 #include "lowrank/cpu.h"
@@ -216,11 +218,17 @@ LOWRANK_ALWAYS_INLINE void gemm_nt_batched(int M, int N, int K, int64_t batch, c
     gemm_nt_width<T, 16>(M, N, K, batch, A, lda, a_batch, B, ldb, b_batch, C, ldc);
 }
 
-// dst[cols x rows] = src[rows x cols]^T, both row-major.
+// dst[cols x rows] = src[rows x cols]^T, both row-major; 16 x 16 tiles keep the
+// strided side of the copy inside a few cache lines.
 template <typename T>
 LOWRANK_ALWAYS_INLINE void transpose(int rows, int cols, const T* src, T* dst) {
-  for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+  constexpr int kTile = 16;
+  for (int i0 = 0; i0 < rows; i0 += kTile)
+    for (int j0 = 0; j0 < cols; j0 += kTile) {
+      const int i1 = std::min(rows, i0 + kTile), j1 = std::min(cols, j0 + kTile);
+      for (int i = i0; i < i1; ++i)
+        for (int j = j0; j < j1; ++j) dst[int64_t(j) * rows + i] = src[int64_t(i) * cols + j];
+    }
 }
 
 }  // namespace lowrank
