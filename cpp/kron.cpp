@@ -154,13 +154,6 @@ LOWRANK_KRON_ENTRIES(avx2, LOWRANK_TARGET_AVX2, TileAvx2)
 LOWRANK_KRON_ENTRIES(avx512, LOWRANK_TARGET_AVX512, TileAvx512)
 #endif
 
-template <typename T>
-std::vector<T> transposed(const T* m, int rows, int cols) {
-  std::vector<T> out(static_cast<size_t>(rows) * cols);
-  transpose(rows, cols, m, out.data());
-  return out;
-}
-
 // Tokens per thread chunk: enough multiply-adds to amortise waking a thread.
 int64_t token_grain(const KronShape& sh) {
   const int64_t per_token = int64_t(sh.q) * sh.s * sh.r + int64_t(sh.p) * sh.q * sh.r + 1;
@@ -171,7 +164,7 @@ template <typename T>
 void forward(const KronShape& sh, const T* x, const T* a, const T* b, const T* addend, double scale,
              T* y, int threads) {
   // y = addend + scale * x kron(a, b)^T; the scale is folded into b^T (r*s values).
-  std::vector<T> bt = transposed(b, sh.r, sh.s);
+  std::vector<T> bt = transpose_blocks(b, 1, sh.r, sh.s);
   if (scale != 1.0)
     for (T& v : bt) v *= T(scale);
   const Isa isa = cpu_isa();
@@ -187,7 +180,7 @@ void forward(const KronShape& sh, const T* x, const T* a, const T* b, const T* a
 template <typename T>
 void backward(const KronShape& sh, const T* dy, const T* x, const T* a, const T* b, T* dx, T* da,
               T* db, int threads) {
-  const std::vector<T> bt = transposed(b, sh.r, sh.s);
+  const std::vector<T> bt = transpose_blocks(b, 1, sh.r, sh.s);
   const Isa isa = cpu_isa();
   const size_t na = size_t(sh.p) * sh.q, nbsz = size_t(sh.r) * sh.s;
   if (da) std::fill(da, da + na, T(0));

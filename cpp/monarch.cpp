@@ -145,15 +145,6 @@ LOWRANK_MONARCH_ENTRIES(avx2, LOWRANK_TARGET_AVX2, TileAvx2)
 LOWRANK_MONARCH_ENTRIES(avx512, LOWRANK_TARGET_AVX512, TileAvx512)
 #endif
 
-// w[b] (rows x cols) for b < blocks, transposed block by block.
-template <typename T>
-std::vector<T> transpose_blocks(const T* w, int blocks, int rows, int cols) {
-  std::vector<T> out(size_t(blocks) * rows * cols);
-  for (int b = 0; b < blocks; ++b)
-    transpose(rows, cols, w + int64_t(b) * rows * cols, out.data() + int64_t(b) * rows * cols);
-  return out;
-}
-
 int64_t token_grain(const MonarchShape& sh) {
   const int64_t per_token = sh.mid() * (sh.p + sh.r) + 1;
   return std::max<int64_t>(1, 200000 / per_token);

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "lowrank/cpu.h"
 
@@ -229,6 +230,15 @@ LOWRANK_ALWAYS_INLINE void transpose(int rows, int cols, const T* src, T* dst) {
       for (int i = i0; i < i1; ++i)
         for (int j = j0; j < j1; ++j) dst[int64_t(j) * rows + i] = src[int64_t(i) * cols + j];
     }
+}
+
+// Copies of w[b] (rows x cols), b < blocks, each transposed.
+template <typename T>
+std::vector<T> transpose_blocks(const T* w, int blocks, int rows, int cols) {
+  std::vector<T> out(size_t(blocks) * rows * cols);
+  for (int b = 0; b < blocks; ++b)
+    transpose(rows, cols, w + int64_t(b) * rows * cols, out.data() + int64_t(b) * rows * cols);
+  return out;
 }
 
 }  // namespace lowrank
