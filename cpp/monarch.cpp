@@ -41,11 +41,11 @@ struct MonarchShape {
   int64_t in() const { return int64_t(k) * p; }
   int64_t mid() const { return int64_t(k) * q; }
   int64_t out() const { return int64_t(l) * s; }
-  // Tokens per block: h for the block stays near 1 MiB (in L2), and at least 16 tokens
+  // Tokens per block: h for the block stays near 128 KiB (in L2), and at least 16 tokens
   // make the rows of every product.
   template <typename T>
   int64_t block(int64_t tokens_in_chunk) const {
-    const int64_t fit = (1024 * 1024 / int64_t(sizeof(T))) / std::max<int64_t>(1, mid());
+    const int64_t fit = (128 * 1024 / int64_t(sizeof(T))) / std::max<int64_t>(1, mid());
     return std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(fit, 16), tokens_in_chunk));
   }
 };
