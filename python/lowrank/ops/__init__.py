@@ -14,6 +14,7 @@ from lowrank.ops.kron import (
     kron_matmul_reference,
 )
 from lowrank.ops.monarch import monarch_matmul, monarch_matmul_reference
+from lowrank.ops.sltrain import sltrain_matmul, sltrain_matmul_reference
 
 __all__ = [
     "kron_matmul",
@@ -24,4 +25,6 @@ __all__ = [
     "monarch_matmul",
     "monarch_matmul_reference",
     "sketch",
+    "sltrain_matmul",
+    "sltrain_matmul_reference",
 ]

@@ -1,0 +1,149 @@
+"""``SLTrainLinear``: a weight trained as ``scale * B A + S`` (SLTrain, Han et al. 2024).
+
+``B`` (``out x r``) starts at zero and ``A`` (``r x in``) Kaiming-uniform, so the
+layer starts as the sparse part alone; ``S`` has ``sparsity * out * in``
+nonzeros on a support drawn once from ``seed`` and never changed, its values
+uniform in ``+-1/sqrt(in)``; ``scale = alpha / r``. The support is stored as
+int32 flat indices (4 bytes per nonzero) when ``out * in`` fits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowrank import _validate as check
+from lowrank.linalg.rsvd import rsvd
+from lowrank.ops.sltrain import check_support, dense_sparse, sltrain_matmul
+
+
+def random_support(out: int, inp: int, sparsity: float, seed: int | None, device=None):
+    """Sorted unique flat indices of ``round(sparsity * out * in)`` random positions."""
+    total = out * inp
+    nnz = round(sparsity * total)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(total, generator=generator)[:nnz]
+    dtype = torch.int32 if total <= 2**31 - 1 else torch.int64
+    return torch.sort(chosen).values.to(dtype=dtype, device=device)
+
+
+class SLTrainLinear(nn.Module):
+    """``y = x @ (scale * B A + S).T + bias`` (see module docstring)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        sparsity: float = 0.03,
+        alpha: float = 32.0,
+        bias: bool = True,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check.positive_int("in_features", in_features)
+        check.positive_int("out_features", out_features)
+        check.positive_int("rank", rank)
+        if rank > min(in_features, out_features):
+            raise ValueError(
+                f"rank must be at most min(in, out) = {min(in_features, out_features)}"
+            )
+        if not 0.0 <= sparsity <= 1.0:
+            raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.alpha, self.scale = float(alpha), float(alpha) / rank
+        kw = {"device": device, "dtype": dtype}
+        self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
+        indices = random_support(out_features, in_features, sparsity, seed, device)
+        self.register_buffer("indices", indices)
+        self.values = nn.Parameter(torch.empty(indices.numel(), **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.B)
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.values, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
+        return sltrain_matmul(
+            x, self.B, self.A, self.values, self.indices, self.scale, self.bias, path
+        )
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight."""
+        sparse = dense_sparse(self.values, self.indices, self.out_features, self.in_features)
+        return self.scale * self.B @ self.A + sparse
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor | nn.Linear,
+        rank: int,
+        sparsity: float = 0.03,
+        alpha: float = 32.0,
+        seed: int | None = None,
+    ) -> SLTrainLinear:
+        """``B A`` from a truncated randomized SVD, ``values`` = the residual on the support.
+
+        The relative error ``||W - W_sltrain||_F / ||W||_F`` is stored as ``projection_error``.
+        """
+        bias = weight.bias if isinstance(weight, nn.Linear) else None
+        w = weight.weight if isinstance(weight, nn.Linear) else weight
+        check.floating("weight", w)
+        check.ndim("weight", w, 2, "(out_features, in_features)")
+        out_f, in_f = w.shape
+        layer = cls(in_f, out_f, rank, sparsity, alpha, bias is not None, seed,
+                    device=w.device, dtype=w.dtype)  # fmt: skip
+        with torch.no_grad():
+            u, s, vh = rsvd(w.detach(), rank, seed=0, n_iter=4)
+            root = s.sqrt()
+            layer.B.copy_(u * root / layer.scale)
+            layer.A.copy_(root[:, None] * vh)
+            residual = w - (u * s) @ vh
+            layer.values.copy_(residual.reshape(-1)[layer.indices.long()])
+            if bias is not None:
+                layer.bias.copy_(bias)
+            rel = (w - layer.to_dense()).norm() / w.norm().clamp_min(1e-300)
+        layer.projection_error = float(rel)
+        return layer
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of parameters, support indices and Adam state, against a dense Linear."""
+        element = self.A.element_size()
+        params = sum(p.numel() for p in self.parameters()) * element
+        index_bytes = self.indices.numel() * self.indices.element_size()
+        dense = self.out_features * self.in_features + (self.bias is not None) * self.out_features
+        return {
+            "parameters": params,
+            "indices": index_bytes,
+            "adam_state": 2 * params,
+            "total": 3 * params + index_bytes,
+            "dense_total": 3 * dense * element,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"nnz={self.indices.numel()}, scale={self.scale:g}, bias={self.bias is not None}"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "indices"
+        if key in state_dict:  # a checkpoint may carry another support (and nnz)
+            check_support(state_dict[key], self.out_features, self.in_features)
+            self.values = nn.Parameter(
+                torch.empty(state_dict[key].numel(), dtype=self.A.dtype, device=self.A.device)
+            )
+            self.indices = state_dict[key].to(self.A.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
