@@ -10,6 +10,7 @@ namespace lowrank {
 void bind_kron(py::module_& m);
 void bind_sketch(py::module_& m);
 void bind_monarch(py::module_& m);
+void bind_sltrain(py::module_& m);
 }  // namespace lowrank
 
 PYBIND11_MODULE(_cuda, m) {
@@ -23,4 +24,5 @@ PYBIND11_MODULE(_cuda, m) {
   lowrank::bind_kron(m);
   lowrank::bind_sketch(m);
   lowrank::bind_monarch(m);
+  lowrank::bind_sltrain(m);
 }

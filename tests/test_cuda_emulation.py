@@ -184,3 +184,43 @@ def test_monarch_kernels(emulated_monarch, tokens, k, q, p, l, s, r):
                                              True, True, True)  # fmt: skip
     for got, ref in zip((dx, dw1, dw2), refs):
         assert relative_error(got, ref) <= 1e-5
+
+
+# ---- SLTrain ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emulated_sltrain(tmp_path_factory):
+    return build("sltrain_entry.cpp", tmp_path_factory.mktemp("emulation"))
+
+
+def test_sltrain_kernels(emulated_sltrain):
+    out, inp, rank, nnz, tokens = 9, 7, 3, 20, 5
+    b, a = torch.randn(out, rank), torch.randn(rank, inp)
+    idx = torch.sort(torch.randperm(out * inp)[:nnz]).values.to(torch.int32)
+    values = torch.randn(nnz)
+    s = torch.zeros(out * inp)
+    s[idx.long()] = values
+    s = s.view(out, inp)
+    w = torch.full((out, inp), float("nan"))
+    emulated_sltrain.sltrain_rebuild_f32(
+        ptr(b), ptr(a), ptr(values), ptr(idx), ctypes.c_int64(nnz), ctypes.c_float(0.5), ptr(w),
+        ctypes.c_int64(out), ctypes.c_int64(inp), rank, 3,
+    )  # fmt: skip
+    assert relative_error(w, 0.5 * b.double() @ a.double() + s.double()) <= 1e-5
+    x = torch.randn(tokens, inp)
+    for transpose, src, width, ref in [(False, x, out, x @ s.T),
+                                       (True, torch.randn(tokens, out), inp, None)]:  # fmt: skip
+        ref = src @ s if transpose else ref
+        y = torch.zeros(tokens, width)
+        emulated_sltrain.sparse_rows_f32(ptr(src), ctypes.c_int64(tokens),
+                                         ctypes.c_int64(src.shape[1]), ptr(values), ptr(idx),
+                                         ctypes.c_int64(nnz), ctypes.c_int64(inp), transpose,
+                                         ptr(y), ctypes.c_int64(width), 2)  # fmt: skip
+        assert relative_error(y, ref) <= 1e-5
+    dy = torch.randn(tokens, out)
+    g = torch.full((nnz,), float("nan"))
+    emulated_sltrain.sampled_dot_f32(ptr(dy), ptr(x), ctypes.c_int64(tokens), ctypes.c_int64(out),
+                                     ctypes.c_int64(inp), ptr(idx), ctypes.c_int64(nnz), ptr(g),
+                                     2)  # fmt: skip
+    assert relative_error(g, (dy.T @ x).reshape(-1)[idx.long()]) <= 1e-5

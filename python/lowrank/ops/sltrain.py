@@ -159,19 +159,31 @@ def _index_code(indices):
     return 0 if indices.dtype == torch.int32 else 1
 
 
-def _native_cpu(t: torch.Tensor):
-    return _native._C if t.is_cpu and t.dtype in _native.CPU_NATIVE_DTYPES else None
+def _launch(t: torch.Tensor):
+    """``(native module, trailing launch args)`` for t's device and dtype, or None."""
+    if t.is_cpu:
+        if _native._C is None or t.dtype not in _native.CPU_NATIVE_DTYPES:
+            return None
+        return _native._C, (torch.get_num_threads(),)
+    if _native._cuda is None or t.dtype not in _native.CUDA_NATIVE_DTYPES:
+        return None
+    return _native._cuda, (t.device.index, _native.cuda_stream(t))
+
+
+def _fallback(t: torch.Tensor, op: str) -> None:
+    if not (t.is_cpu and t.dtype in (torch.float16, torch.bfloat16)):
+        _native.warn_fallback(op, f"no native kernel for {t.dtype} on {t.device.type}")
 
 
 def _rebuild_kernel(B, A, values, indices, scale):
     out, inp, rank = B.shape[0], A.shape[1], B.shape[1]
-    native = _native_cpu(B)
-    if native is None:
-        if B.is_cpu and B.dtype not in _native.CPU_NATIVE_DTYPES:
-            return _rebuild_kernel(B.float(), A.float(), values.float(), indices, scale).to(B.dtype)
-        # CUDA: one cuBLAS product, then the scatter (two passes over W).
-        w = torch.addmm(dense_sparse(values, indices, out, inp), B, A, alpha=scale)
-        return w
+    if B.is_cpu and B.dtype in (torch.float16, torch.bfloat16):
+        return _rebuild_kernel(B.float(), A.float(), values.float(), indices, scale).to(B.dtype)
+    launch = _launch(B)
+    if launch is None:
+        _fallback(B, "sltrain_rebuild")
+        return torch.addmm(dense_sparse(values, indices, out, inp), B, A, alpha=scale)
+    native, launch_args = launch
     B, A, values, indices = (
         B.contiguous(),
         A.contiguous(),
@@ -182,41 +194,50 @@ def _rebuild_kernel(B, A, values, indices, scale):
     native.sltrain_rebuild(
         _native.DTYPE_CODES[B.dtype], _index_code(indices), B.data_ptr(), A.data_ptr(),
         values.data_ptr(), indices.data_ptr(), indices.numel(), scale, w.data_ptr(), out, inp,
-        rank, torch.get_num_threads(),
+        rank, *launch_args,
     )  # fmt: skip
     return w
 
 
 def _sparse_kernel(x, values, indices, rows, cols, transpose):
-    native = _native_cpu(x)
-    width = rows if not transpose else cols
-    if native is None:
-        if x.is_cpu and x.dtype not in _native.CPU_NATIVE_DTYPES:
-            return _sparse_kernel(x.float(), values.float(), indices, rows, cols,
-                                  transpose).to(x.dtype)  # fmt: skip
+    width = cols if transpose else rows
+    if x.is_cpu and x.dtype in (torch.float16, torch.bfloat16):
+        y = _sparse_kernel(x.float(), values.float(), indices, rows, cols, transpose)
+        return y.to(x.dtype)
+    launch = _launch(x)
+    if launch is None:
+        _fallback(x, "sparse_matmul")
         s = dense_sparse(values, indices, rows, cols)
         return x @ s if transpose else x @ s.T
+    native, launch_args = launch
     x, values, indices = x.contiguous(), values.contiguous(), indices.contiguous()
-    y = _native.new_output((x.shape[0], width), x)
-    native.sparse_rows(_native.DTYPE_CODES[x.dtype], _index_code(indices), x.data_ptr(),
-                       x.shape[0], x.shape[1], values.data_ptr(), indices.data_ptr(),
-                       indices.numel(), cols, transpose, y.data_ptr(), width,
-                       torch.get_num_threads())  # fmt: skip
-    return y
+    # CUDA accumulates with atomics into float32; the CPU writes each row itself.
+    y = (_native.new_output((x.shape[0], width), x) if x.is_cpu
+         else torch.zeros((x.shape[0], width), dtype=torch.float32, device=x.device))  # fmt: skip
+    native.sparse_rows(
+        _native.DTYPE_CODES[x.dtype], _index_code(indices), x.data_ptr(), x.shape[0], x.shape[1],
+        values.data_ptr(), indices.data_ptr(), indices.numel(), cols, transpose, y.data_ptr(),
+        width, *launch_args,
+    )  # fmt: skip
+    return y.to(x.dtype)
 
 
 def _sampled_kernel(dy, x, indices):
-    native = _native_cpu(x)
-    if native is None:
-        if x.is_cpu and x.dtype not in _native.CPU_NATIVE_DTYPES:
-            return _sampled_kernel(dy.float(), x.float(), indices).to(x.dtype)
-        rows, cols = indices // x.shape[1], indices % x.shape[1]
+    if x.is_cpu and x.dtype in (torch.float16, torch.bfloat16):
+        return _sampled_kernel(dy.float(), x.float(), indices).to(x.dtype)
+    launch = _launch(x)
+    if launch is None:
+        _fallback(x, "sampled_dot")
+        rows, cols = indices.long() // x.shape[1], indices.long() % x.shape[1]
         return (dy[:, rows] * x[:, cols]).sum(0)
+    native, launch_args = launch
     dy, x, indices = dy.contiguous(), x.contiguous(), indices.contiguous()
     g = _native.new_output((indices.numel(),), x)
-    native.sampled_dot(_native.DTYPE_CODES[x.dtype], _index_code(indices), dy.data_ptr(),
-                       x.data_ptr(), x.shape[0], dy.shape[1], x.shape[1], indices.data_ptr(),
-                       indices.numel(), g.data_ptr(), torch.get_num_threads())  # fmt: skip
+    native.sampled_dot(
+        _native.DTYPE_CODES[x.dtype], _index_code(indices), dy.data_ptr(), x.data_ptr(),
+        x.shape[0], dy.shape[1], x.shape[1], indices.data_ptr(), indices.numel(), g.data_ptr(),
+        *launch_args,
+    )  # fmt: skip
     return g
 
 
