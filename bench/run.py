@@ -36,6 +36,7 @@ SUITES = {
     "kron_adapter": "bench_kron_adapter",
     "monarch": "bench_monarch",
     "rsvd": "bench_rsvd",
+    "sltrain": "bench_sltrain",
 }
 
 

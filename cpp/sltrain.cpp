@@ -77,29 +77,32 @@ void rebuild(int64_t out, int64_t in, int rank, const T* b, const T* a, const T*
   });
 }
 
-// y (tokens x out_width) = x S^T, or x S with `transpose` (S is rows x cols = out x in).
+// y (tokens x y_width) = x S^T, or x S with `transpose` (S is rows x cols = out x in).
+// Tokens go in blocks of 8 so each nonzero's position is decoded once per block.
 template <typename T, typename I>
 void sparse_rows(const T* x, int64_t tokens, int64_t x_width, const T* values, const I* indices,
                  int64_t nnz, int64_t cols, bool transpose, T* y, int64_t y_width, int threads) {
-  parallel_chunks(tokens, threads, std::max<int64_t>(1, 65536 / (nnz + 1)),
+  constexpr int64_t kBlock = 8;
+  const int64_t blocks = (tokens + kBlock - 1) / kBlock;
+  parallel_chunks(blocks, threads, std::max<int64_t>(1, 8192 / (nnz + 1)),
                   [&](int64_t begin, int64_t end, int) {
-                    for (int64_t t = begin; t < end; ++t) {
-                      const T* xt = x + t * x_width;
-                      T* yt = y + t * y_width;
-                      std::fill(yt, yt + y_width, T(0));
+                    for (int64_t blk = begin; blk < end; ++blk) {
+                      const int64_t t0 = blk * kBlock, nt = std::min(kBlock, tokens - t0);
+                      std::fill(y + t0 * y_width, y + (t0 + nt) * y_width, T(0));
                       for (int64_t k = 0; k < nnz; ++k) {
                         const int64_t row = int64_t(indices[k]) / cols;
                         const int64_t col = int64_t(indices[k]) - row * cols;
-                        if (transpose)
-                          yt[col] += values[k] * xt[row];
-                        else
-                          yt[row] += values[k] * xt[col];
+                        const int64_t from = transpose ? row : col, to = transpose ? col : row;
+                        const T v = values[k];
+                        for (int64_t u = 0; u < nt; ++u)
+                          y[(t0 + u) * y_width + to] += v * x[(t0 + u) * x_width + from];
                       }
                     }
                   });
 }
 
-// g[k] = sum_t dy[t, row_k] x[t, col_k]; parallel over nonzeros, tokens inner.
+// g[k] = sum_t dy[t, row_k] x[t, col_k]; parallel over nonzeros, tokens inner (the
+// factored path runs at small token counts, where dy and x stay in cache).
 template <typename T, typename I>
 void sampled_dot(const T* dy, const T* x, int64_t tokens, int64_t out, int64_t in, const I* indices,
                  int64_t nnz, T* g, int threads) {
