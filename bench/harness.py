@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -67,11 +68,38 @@ def time_ms(
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _cpu_peak_bytes(fn: Callable[[], Any]) -> int | None:
+    """Peak resident memory above the current one while ``fn()`` runs (Linux).
+
+    Resets the kernel's high-water mark (``/proc/self/clear_refs``), runs ``fn``, and
+    reads ``VmHWM``. Tensors of any size are mmapped by the allocator and returned on
+    free, so the mark follows the tensors' peak to within a page or so.
+    """
+    try:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        before = _proc_status_bytes("VmRSS")
+        fn()
+        return max(0, _proc_status_bytes("VmHWM") - before)
+    except OSError:
+        return None
+
+
 def peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> int | None:
-    """Peak device memory allocated while ``fn()`` runs, above what was live before (CUDA)."""
+    """Peak memory while ``fn()`` runs above what was live before: CUDA allocator
+    statistics on the GPU, the resident-set high-water mark on the CPU (Linux)."""
     device = torch.device(device)
     if device.type != "cuda":
-        return None
+        return _cpu_peak_bytes(fn)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
