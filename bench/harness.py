@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -76,6 +78,20 @@ def _proc_status_bytes(field: str) -> int:
     raise KeyError(field)
 
 
+# CPU peaks need the pinned mmap threshold below, which also changes how every later
+# allocation is served; bench/run.py --cpu-peak turns it on for a whole run, so all
+# implementations are timed under the same policy.
+CPU_PEAKS = False
+
+
+def mmap_large_allocations() -> None:
+    """Pins glibc's mmap threshold at 64 KiB: large blocks are then mapped on allocation and
+    unmapped on free (the default threshold grows after the first free and would keep
+    freed tensors resident, hiding later peaks from the high-water mark)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+
+
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> int | None:
     """Peak resident memory above the current one while ``fn()`` runs (Linux).
 
@@ -99,7 +115,7 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> int | None:
     statistics on the GPU, the resident-set high-water mark on the CPU (Linux)."""
     device = torch.device(device)
     if device.type != "cuda":
-        return _cpu_peak_bytes(fn)
+        return _cpu_peak_bytes(fn) if CPU_PEAKS else None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)

@@ -27,6 +27,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import harness  # noqa: E402
+
 import lowrank  # noqa: E402
 
 # One line per suite: name -> module in bench/ exposing run(device, quick) -> list[Result].
@@ -111,9 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer and smaller cases")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="folder for JSON and PNG")
     parser.add_argument("--save", action="store_true", help="also write into bench/results/")
+    parser.add_argument(
+        "--cpu-peak",
+        action="store_true",
+        help="measure peak memory on the CPU too (pins glibc's mmap threshold for the whole "
+        "run, which slows allocation-heavy code alike)",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.cpu_peak:
+        harness.CPU_PEAKS = True
+        harness.mmap_large_allocations()
     torch.manual_seed(0)
     results = []
     for name in args.suite or list(SUITES):
@@ -133,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         "date": stamp.isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
         "quick": args.quick,
+        "cpu_peak": args.cpu_peak,
         "results": results,
     }
     print()
     print_table(results)
-    slug = f"{device.type}-{stamp:%Y-%m-%d}"
+    slug = f"{device.type}-{stamp:%Y-%m-%d}" + ("-cpu-peak" if args.cpu_peak else "")
     title = f"lowrank {lowrank.__version__} on {report['device']}, torch {torch.__version__}"
     folders = [args.out] + ([HERE / "results"] if args.save else [])
     for folder in folders:
