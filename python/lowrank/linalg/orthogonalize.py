@@ -24,6 +24,12 @@ def householder_qr(y: torch.Tensor) -> torch.Tensor:
 
 
 def _cholesky_pass(y: torch.Tensor, shift: bool) -> torch.Tensor | None:
+    qr = _cholesky_qr(y, shift)
+    return None if qr is None else qr[0]
+
+
+def _cholesky_qr(y: torch.Tensor, shift: bool):
+    """``(Q, R)`` with ``Q = Y R^{-1}`` from one (shifted) Cholesky pass, or None."""
     gram = y.mT @ y
     if shift:
         m, l = y.shape[-2], y.shape[-1]
@@ -35,7 +41,8 @@ def _cholesky_pass(y: torch.Tensor, shift: bool) -> torch.Tensor | None:
     if bool((info != 0).any()):
         return None
     # Q = Y R^{-1} with R = L^T: solve Q L^T = Y.
-    return torch.linalg.solve_triangular(factor.mT, y, upper=True, left=False)
+    r = factor.mT
+    return torch.linalg.solve_triangular(r, y, upper=True, left=False), r
 
 
 def cholqr2(y: torch.Tensor) -> torch.Tensor:
@@ -53,6 +60,18 @@ def lu_normalize(y: torch.Tensor) -> torch.Tensor:
     lu, pivots = torch.linalg.lu_factor(y)
     p, lower, _ = torch.lu_unpack(lu, pivots, unpack_data=True, unpack_pivots=True)
     return p @ lower
+
+
+def orthonormal_with_factor(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q, R)``, ``Q`` orthonormal and ``Q = Y R^{-1}`` (R upper triangular), by CholeskyQR2
+    with the shifted and Householder fallbacks. With R known, ``A^T Q = (A^T Y) R^{-1}``
+    needs no further product with A (the streamed range finder's one pass per iteration)."""
+    first = _cholesky_qr(y, shift=False) or _cholesky_qr(y, shift=True)
+    second = None if first is None else _cholesky_qr(first[0], shift=False)
+    if second is None:
+        q, r = torch.linalg.qr(y)
+        return q, r
+    return second[0], second[1] @ first[1]
 
 
 def orthonormal(y: torch.Tensor, normalizer: str) -> torch.Tensor:

@@ -20,12 +20,14 @@ Martinsson & Voronin 2016) until ``||A - Q B||_F <= tol ||A||_F``, tracked as
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lowrank import _validate as check
 from lowrank.linalg import sketching
 from lowrank.linalg.operator import Operator, as_operator, check_finite_product
 from lowrank.linalg.orthogonalize import NORMALIZERS, normalize, orthonormal
+from lowrank.linalg.out_of_core import RowPanels, streamed_range
 
 
 def rsvd(
@@ -43,6 +45,9 @@ def rsvd(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    max_memory: int | None = None,
+    progress: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Truncated SVD ``A ~ U diag(S) Vh`` of rank ``rank``, by randomized range finding.
 
@@ -66,6 +71,11 @@ def rsvd(
             from ``generator`` (torch's default generator when None).
         compute_dtype: dtype of the computation; default float32 for float16/bfloat16
             input (products may run in the input precision on CUDA), else the input's.
+        device, max_memory, progress: out-of-core mode, taken for a NumPy array or
+            ``np.memmap`` (or any 2-D CPU tensor given ``max_memory``): ``A`` is streamed in
+            row panels of at most ``max_memory`` bytes (default 1 GiB) onto ``device``
+            (default CPU) in ``n_iter + 1`` passes, with a progress bar per pass unless
+            ``progress=False`` (see ``lowrank.linalg.out_of_core``).
 
     Returns:
         ``(U, S, Vh)`` like ``torch.linalg.svd(A, full_matrices=False)`` truncated: ``U``
@@ -74,6 +84,10 @@ def rsvd(
         positive (a deterministic sign).
     """
     _check_options(rank, oversample, n_iter, normalizer, sketch, tol, max_rank)
+    if isinstance(A, np.ndarray) or max_memory is not None:
+        return _out_of_core(A, rank, oversample, n_iter, normalizer, sketch, tol, init,
+                            resolve_seed(seed, generator), compute_dtype, device, max_memory,
+                            progress)  # fmt: skip
     op = as_operator(A, compute_dtype)
     if not 1 <= rank <= min(op.m, op.n):
         raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(op.m, op.n)}], got {rank}")
@@ -126,12 +140,16 @@ def _fixed_rank(op: Operator, rank, oversample, n_iter, normalizer, sketch, kryl
 
 
 def _project_and_decompose(op: Operator, q: torch.Tensor, rank: int):
-    """``B^T = A^T Q`` and its SVD; ``U = Q U_B``, truncated to ``rank``.
+    """``B^T = A^T Q`` and its SVD; ``U = Q U_B``, truncated to ``rank``."""
+    return _decompose(q, op.rmatmat(q), rank)
+
+
+def _decompose(q: torch.Tensor, bt: torch.Tensor, rank: int):
+    """SVD of ``B = (B^T)^T`` lifted by ``Q``, truncated to ``rank``.
 
     The tall ``B^T`` (``n x l``) is first reduced by CholeskyQR2, ``B^T = Q_B R``, so the
     SVD runs on the ``l x l`` factor: ``R = W S U_B^T`` gives ``B = U_B S (Q_B W)^T``.
     """
-    bt = op.rmatmat(q)
     qb, r = _qr_with_factor(bt)
     w, s, ubh = torch.linalg.svd(r)
     u = q @ ubh.mT[..., :rank]
@@ -144,6 +162,22 @@ def _qr_with_factor(bt: torch.Tensor):
     q = orthonormal(bt, "cholqr2")
     r = q.mT @ bt
     return q, r
+
+
+def _out_of_core(a, rank, oversample, n_iter, normalizer, sketch, tol, init, seed,
+                 compute_dtype, device, max_memory, progress):  # fmt: skip
+    if tol is not None or init is not None:
+        raise ValueError("tol= and init= are not available for out-of-core input")
+    panels = RowPanels(a, device or "cpu", (1 << 30) if max_memory is None else max_memory,
+                       compute_dtype, True if progress is None else progress)  # fmt: skip
+    if not 1 <= rank <= min(panels.m, panels.n):
+        raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(panels.m, panels.n)}]")
+    l = min(rank + oversample, panels.m, panels.n)
+    normalizer = "cholqr2" if normalizer == "auto" else normalizer
+    q, bt = streamed_range(panels, l, n_iter, normalizer, sketch, seed)
+    u, s, vh = _decompose(q, bt, rank)
+    u, vh = sign_convention(u, vh)
+    return u, s, vh
 
 
 def _fixed_accuracy(op: Operator, block, tol, max_rank, n_iter, normalizer, sketch, seed):
