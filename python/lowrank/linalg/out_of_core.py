@@ -16,6 +16,8 @@ the current one is multiplied (two panels are resident, each half of ``max_memor
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -60,8 +62,11 @@ class RowPanels:
     def _host_panel(self, i0: int, i1: int) -> torch.Tensor:
         block = self.a[i0:i1]
         if isinstance(block, np.ndarray):
-            # A contiguous, writable copy in RAM (a read-only memmap is copied out of the file).
-            block = torch.from_numpy(np.require(block, requirements=["C", "W"]))
+            block = np.ascontiguousarray(block)
+            with warnings.catch_warnings():
+                # A read-only memmap is only ever read: multiply straight from the mapping.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                block = torch.from_numpy(block)
         return block.to(self.dtype)
 
     def _panels(self):

@@ -1,0 +1,73 @@
+"""Distributed rsvd and pca over gloo process groups on the CPU (spawned from the test)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.distributed
+
+M, N, RANK = 150, 40, 6
+
+
+def full_matrix() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(M, N, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))
+    return ((u * torch.exp(-torch.arange(N, dtype=torch.float64) / 6)) @ v.T) + 0.5
+
+
+def bounds(world: int) -> list[tuple[int, int]]:
+    """Uneven contiguous row blocks."""
+    cuts = [0] + [M * (i + 1) // world + (7 if i < world - 1 else 0) for i in range(world)]
+    cuts[-1] = M
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def worker(rank: int, world: int, init_file: str, results: str) -> None:
+    from lowrank import distributed as ldist
+    from lowrank.linalg import pca, rsvd
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))  # fmt: skip
+    try:
+        a = full_matrix()
+        lo, hi = bounds(world)[rank]
+        u, s, vh = ldist.rsvd(a[lo:hi], RANK, seed=11)
+        u0, s0, vh0 = rsvd(a, RANK, seed=11)
+        errors = [float((s - s0).abs().max()), float((vh - vh0).abs().max()),
+                  float((u - u0[lo:hi]).abs().max())]  # fmt: skip
+        bytes_per_pass = ldist.rsvd_module.COMMUNICATED["bytes"]
+        _, sp, vhp = ldist.pca(a[lo:hi], RANK, seed=11)
+        _, sp0, vhp0 = pca(a, RANK, seed=11)
+        errors += [float((sp - sp0).abs().max()), float((vhp - vhp0).abs().max())]
+        torch.save({"errors": errors, "bytes": bytes_per_pass}, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_equals_single_process(world):
+    with tempfile.TemporaryDirectory() as folder:
+        init_file, results = os.path.join(folder, "init"), os.path.join(folder, "out")
+        mp.spawn(worker, args=(world, init_file, results), nprocs=world, join=True)
+        outcomes = [torch.load(f"{results}.{r}") for r in range(world)]
+    for outcome in outcomes:
+        assert max(outcome["errors"]) <= 1e-10, outcome["errors"]
+        # Communication does not grow with the rows: (n*l + a few l*l) numbers per pass.
+        l = RANK + 10
+        passes = 3
+        assert outcome["bytes"] <= 8 * passes * (N * l + 4 * l * l) + 1024
+
+
+def test_requires_an_initialised_group():
+    from lowrank import distributed as ldist
+
+    with pytest.raises(RuntimeError, match="not initialised"):
+        ldist.rsvd(torch.randn(10, 4, dtype=torch.float64), 2)
