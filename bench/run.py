@@ -39,6 +39,7 @@ SUITES = {
     "monarch": "bench_monarch",
     "rsvd": "bench_rsvd",
     "sltrain": "bench_sltrain",
+    "out_of_core": "bench_out_of_core",
 }
 
 
