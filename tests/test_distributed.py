@@ -71,3 +71,50 @@ def test_requires_an_initialised_group():
 
     with pytest.raises(RuntimeError, match="not initialised"):
         ldist.rsvd(torch.randn(10, 4, dtype=torch.float64), 2)
+
+
+def mismatch_worker(rank: int, world: int, init_file: str, results: str) -> None:
+    from lowrank import distributed as ldist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))  # fmt: skip
+    try:
+        columns = 8 if rank == 0 else 9
+        try:
+            ldist.rsvd(torch.randn(20, columns, dtype=torch.float64), 2, seed=0)
+            message = "no error"
+        except ValueError as error:
+            message = str(error)
+        torch.save(message, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mismatched_columns_raise_on_every_rank():
+    with tempfile.TemporaryDirectory() as folder:
+        init_file, results = os.path.join(folder, "init"), os.path.join(folder, "out")
+        mp.spawn(mismatch_worker, args=(2, init_file, results), nprocs=2, join=True)
+        messages = [torch.load(f"{results}.{r}") for r in range(2)]
+    assert all("different column counts" in m for m in messages), messages
+
+
+def dead_peer_worker(rank: int, world: int, init_file: str, results: str) -> None:
+    from lowrank import distributed as ldist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=3))  # fmt: skip
+    if rank == 1:
+        return  # leaves without taking part: rank 0's collectives must time out, not hang
+    try:
+        ldist.rsvd(torch.randn(20, 8, dtype=torch.float64), 2, seed=0)
+        message = "no error"
+    except RuntimeError as error:
+        message = type(error).__name__
+    torch.save(message, f"{results}.{rank}")
+
+
+def test_dead_peer_times_out():
+    with tempfile.TemporaryDirectory() as folder:
+        init_file, results = os.path.join(folder, "init"), os.path.join(folder, "out")
+        mp.spawn(dead_peer_worker, args=(2, init_file, results), nprocs=2, join=True)
+        assert torch.load(f"{results}.0") != "no error"
