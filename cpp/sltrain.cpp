@@ -116,15 +116,6 @@ void sampled_dot(const T* dy, const T* x, int64_t tokens, int64_t out, int64_t i
   });
 }
 
-// Calls fn(I{}) with I the index type: code 0 int32, 1 int64.
-template <typename Fn>
-void dispatch_index(int index_code, Fn&& fn) {
-  if (index_code == 0)
-    fn(int32_t{});
-  else
-    fn(int64_t{});
-}
-
 }  // namespace
 
 void bind_sltrain(py::module_& m) {

@@ -17,14 +17,6 @@ unsigned grid_for_items(int64_t items, int device) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>(blocks, multiprocessors(device) * 16)));
 }
 
-template <typename Fn>
-void dispatch_index(int index_code, Fn&& fn) {
-  if (index_code == 0)
-    fn(int32_t{});
-  else
-    fn(int64_t{});
-}
-
 void rebuild_cuda(int dtype, int index_code, std::uintptr_t b, std::uintptr_t a,
                   std::uintptr_t values, std::uintptr_t indices, int64_t nnz, double scale,
                   std::uintptr_t w, int64_t out, int64_t in, int rank, int device,

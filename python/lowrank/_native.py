@@ -78,13 +78,47 @@ def new_output(shape: Any, like: torch.Tensor, dtype: torch.dtype | None = None)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
-def cpu_threads() -> int:
-    return torch.get_num_threads()
-
-
 def cuda_stream(t: torch.Tensor) -> int:
     """Handle of torch's current stream on t's device: kernels always run there."""
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def upcast_on_cpu(t: torch.Tensor) -> bool:
+    """float16/bfloat16 on the CPU run the float32 kernels (DESIGN.md section 4)."""
+    return t.is_cpu and t.dtype not in CPU_NATIVE_DTYPES
+
+
+def launch_args(t: torch.Tensor) -> tuple:
+    """Trailing arguments of every native call: the CPU thread count, or the CUDA device
+    and torch's current stream on it."""
+    if t.is_cpu:
+        return (torch.get_num_threads(),)
+    return (t.device.index, cuda_stream(t))
+
+
+def launch(t: torch.Tensor, op: str, smem_bytes=None):
+    """``(native module, launch_args(t))`` to run ``op`` on t's device and dtype, or None
+    after a one-time warning (the caller then runs the op's reference).
+
+    ``smem_bytes``, a callable, gives a CUDA kernel's shared-memory need; above the
+    device's limit the reference runs. CPU callers upcast float16/bfloat16 first.
+    """
+    why = None
+    if t.is_cpu:
+        if _C is None:
+            why = "the CPU module is not built"
+    elif _cuda is None:
+        why = "the CUDA module is not built"
+    elif t.dtype not in CUDA_NATIVE_DTYPES:
+        why = f"no CUDA kernel for {t.dtype}"
+    elif smem_bytes is not None:
+        limit = torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
+        if smem_bytes() > limit:
+            why = f"the kernel needs {smem_bytes()} bytes of shared memory, the GPU has {limit}"
+    if why:
+        warn_fallback(op, why)
+        return None
+    return (_C if t.is_cpu else _cuda), launch_args(t)
 
 
 def info() -> dict[str, Any]:

@@ -26,4 +26,13 @@ inline std::string dtype_name(DType d) {
   return "unknown";
 }
 
+// Calls fn(I{}) with I the integer type of an index tensor: code 0 int32, 1 int64.
+template <typename Fn>
+void dispatch_index(int index_code, Fn&& fn) {
+  if (index_code == 0)
+    fn(int32_t{});
+  else
+    fn(int64_t{});
+}
+
 }  // namespace lowrank

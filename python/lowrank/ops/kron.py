@@ -15,7 +15,6 @@ Gradients, for ``G = dY`` viewed per row as ``p x r``:
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
@@ -166,37 +165,6 @@ def _check_output_like(name: str, t: torch.Tensor, x: torch.Tensor, p: int, r: i
         raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
 
 
-def _launch(x: torch.Tensor, op: str, smem_bytes: Callable[[], int]):
-    """``(native module, trailing launch args)`` to run ``op`` on x, or None (warned once).
-
-    Trailing launch arguments are the CPU thread count, or the CUDA device and
-    torch's current stream on it. ``smem_bytes`` is the kernel's shared-memory need.
-    """
-    if x.is_cpu:
-        if _native._C is None:
-            _native.warn_fallback(op, "the CPU module is not built")
-            return None
-        return _native._C, (torch.get_num_threads(),)
-    why = None
-    if _native._cuda is None:
-        why = "the CUDA module is not built"
-    elif x.dtype not in _native.CUDA_NATIVE_DTYPES:
-        why = f"no CUDA kernel for {x.dtype}"
-    else:
-        limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-        if smem_bytes() > limit:
-            why = f"factors need {smem_bytes()} bytes of shared memory, the GPU has {limit}"
-    if why:
-        _native.warn_fallback(op, why)
-        return None
-    return _native._cuda, (x.device.index, _native.cuda_stream(x))
-
-
-def _upcast_on_cpu(x: torch.Tensor) -> bool:
-    """float16/bfloat16 on the CPU run the float32 kernels (DESIGN.md section 4)."""
-    return x.is_cpu and x.dtype not in _native.CPU_NATIVE_DTYPES
-
-
 # ---- device kernels (one function per op serves CPU and CUDA) -------------------------------
 # Native kernels get raw addresses: every tensor whose address is taken stays bound to a
 # name until the kernel returns (contiguous copies are made first and held).
@@ -206,10 +174,10 @@ def _forward(x, a, b, base, scale, op):
     p, q, r, s = _check(x, a, b)
     if base is not None:
         _check_output_like("base", base, x, p, r)
-    if _upcast_on_cpu(x):
+    if _native.upcast_on_cpu(x):
         base32 = None if base is None else base.float()
         return _forward(x.float(), a.float(), b.float(), base32, scale, op).to(x.dtype)
-    launch = _launch(x, op, lambda: _native._cuda.kron_forward_smem_bytes(p, q, r, s))
+    launch = _native.launch(x, op, lambda: _native._cuda.kron_forward_smem_bytes(p, q, r, s))
     if launch is None:
         y = kron_matmul_reference(x, a, b)
         return y if base is None else base + scale * y
@@ -236,10 +204,10 @@ def _add_kernel(base, x, a, b, scale=1.0):
 def _add_inplace_kernel(base, x, a, b, scale=1.0):
     p, q, r, s = _check(x, a, b)
     _check_output_like("base", base, x, p, r)
-    if _upcast_on_cpu(x) or not base.is_contiguous():
+    if _native.upcast_on_cpu(x) or not base.is_contiguous():
         base.copy_(_forward(x, a, b, base, scale, "kron_matmul_add_"))
         return
-    launch = _launch(
+    launch = _native.launch(
         x, "kron_matmul_add_", lambda: _native._cuda.kron_forward_smem_bytes(p, q, r, s)
     )
     if launch is None:
@@ -257,11 +225,11 @@ def _add_inplace_kernel(base, x, a, b, scale=1.0):
 def _backward_kernel(grad, x, a, b, need_x, need_factors):
     p, q, r, s = _check(x, a, b)
     _check_output_like("grad", grad, x, p, r)
-    if _upcast_on_cpu(x):
+    if _native.upcast_on_cpu(x):
         outs = _backward_kernel(grad.float(), x.float(), a.float(), b.float(), need_x, need_factors)
         return tuple(o.to(x.dtype) for o in outs)
     smem = lambda: _native._cuda.kron_backward_smem_bytes(p, q, r, s)  # noqa: E731
-    launch = _launch(x, "kron_matmul_backward", smem)
+    launch = _native.launch(x, "kron_matmul_backward", smem)
     if launch is None:
         return kron_matmul_backward_reference(grad, x, a, b, need_x, need_factors)
     native, launch_args = launch

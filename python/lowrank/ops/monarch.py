@@ -128,33 +128,13 @@ def reference_is_faster(x: torch.Tensor, w1: torch.Tensor) -> bool:
     return x.is_cpu and p >= 64 and math.prod(x.shape[:-1]) < 4 * p
 
 
-def _upcast_on_cpu(x: torch.Tensor) -> bool:
-    return x.is_cpu and x.dtype not in _native.CPU_NATIVE_DTYPES
-
-
-def _launch(x: torch.Tensor, op: str):
-    """(native module, trailing launch args) or None after a one-time warning."""
-    if x.is_cpu:
-        if _native._C is None:
-            _native.warn_fallback(op, "the CPU module is not built")
-            return None
-        return _native._C, (torch.get_num_threads(),)
-    if _native._cuda is None or x.dtype not in _native.CUDA_NATIVE_DTYPES:
-        why = (
-            "the CUDA module is not built" if _native._cuda is None else f"no kernel for {x.dtype}"
-        )
-        _native.warn_fallback(op, why)
-        return None
-    return _native._cuda, (x.device.index, _native.cuda_stream(x))
-
-
 def _forward_kernel(x, w1, w2):
     k, q, p, l, s, r = _check(x, w1, w2)
-    if _upcast_on_cpu(x):
+    if _native.upcast_on_cpu(x):
         return _forward_kernel(x.float(), w1.float(), w2.float()).to(x.dtype)
     if reference_is_faster(x, w1):
         return monarch_matmul_reference(x, w1, w2)
-    launch = _launch(x, "monarch_matmul")
+    launch = _native.launch(x, "monarch_matmul")
     if launch is None:
         return monarch_matmul_reference(x, w1, w2)
     native, launch_args = launch
@@ -170,13 +150,13 @@ def _forward_kernel(x, w1, w2):
 def _backward_kernel(grad, x, w1, w2, need_x, need_w1, need_w2):
     k, q, p, l, s, r = _check(x, w1, w2)
     _check_grad(grad, x, l, s)
-    if _upcast_on_cpu(x):
+    if _native.upcast_on_cpu(x):
         outs = _backward_kernel(grad.float(), x.float(), w1.float(), w2.float(), need_x, need_w1,
                                 need_w2)  # fmt: skip
         return tuple(o.to(x.dtype) for o in outs)
     if reference_is_faster(x, w1):
         return monarch_matmul_backward_reference(grad, x, w1, w2, need_x, need_w1, need_w2)
-    launch = _launch(x, "monarch_matmul_backward")
+    launch = _native.launch(x, "monarch_matmul_backward")
     if launch is None:
         return monarch_matmul_backward_reference(grad, x, w1, w2, need_x, need_w1, need_w2)
     native, launch_args = launch

@@ -165,12 +165,6 @@ def _check_sparse_sign(a, cols, signs, l):
 # ---- kernels ----------------------------------------------------------------------------------
 
 
-def _launch_args(t: torch.Tensor) -> tuple:
-    if t.is_cpu:
-        return (torch.get_num_threads(),)
-    return (t.device.index, _native.cuda_stream(t))
-
-
 def _native_module(t: torch.Tensor):
     return _native._C if t.is_cpu else _native._cuda
 
@@ -191,7 +185,7 @@ def _fill_kernel(out, kind, seed, stream):
         out.copy_(filled)
         return
     native.philox_fill(_native.DTYPE_CODES[out.dtype], out.data_ptr(), out.numel(), kind, seed,
-                       stream, *_launch_args(out))  # fmt: skip
+                       stream, *_native.launch_args(out))  # fmt: skip
 
 
 def _rows_native(a: torch.Tensor):
@@ -215,7 +209,7 @@ def _srht_kernel(a, signs, cols, n2, scale):
     out = _native.new_output((a.shape[0], cols.shape[0]), a)
     native.srht_rows(_native.DTYPE_CODES[a.dtype], a.data_ptr(), a.shape[0], a.shape[1],
                      signs.data_ptr(), cols.data_ptr(), cols.shape[0], n2, scale, out.data_ptr(),
-                     *_launch_args(a))  # fmt: skip
+                     *_native.launch_args(a))  # fmt: skip
     return out
 
 
@@ -231,7 +225,7 @@ def _sparse_sign_kernel(a, cols, signs, l):
     out = _native.new_output((a.shape[0], l), a)
     native.sparse_sign_rows(_native.DTYPE_CODES[a.dtype], a.data_ptr(), a.shape[0], a.shape[1],
                             cols.data_ptr(), signs.data_ptr(), cols.shape[1], l, out.data_ptr(),
-                            *_launch_args(a))  # fmt: skip
+                            *_native.launch_args(a))  # fmt: skip
     return out
 
 

@@ -160,29 +160,12 @@ def _index_code(indices):
     return 0 if indices.dtype == torch.int32 else 1
 
 
-def _launch(t: torch.Tensor):
-    """``(native module, trailing launch args)`` for t's device and dtype, or None."""
-    if t.is_cpu:
-        if _native._C is None or t.dtype not in _native.CPU_NATIVE_DTYPES:
-            return None
-        return _native._C, (torch.get_num_threads(),)
-    if _native._cuda is None or t.dtype not in _native.CUDA_NATIVE_DTYPES:
-        return None
-    return _native._cuda, (t.device.index, _native.cuda_stream(t))
-
-
-def _fallback(t: torch.Tensor, op: str) -> None:
-    if not (t.is_cpu and t.dtype in (torch.float16, torch.bfloat16)):
-        _native.warn_fallback(op, f"no native kernel for {t.dtype} on {t.device.type}")
-
-
 def _rebuild_kernel(B, A, values, indices, scale):
     out, inp, rank = B.shape[0], A.shape[1], B.shape[1]
-    if B.is_cpu and B.dtype in (torch.float16, torch.bfloat16):
+    if _native.upcast_on_cpu(B):
         return _rebuild_kernel(B.float(), A.float(), values.float(), indices, scale).to(B.dtype)
-    launch = _launch(B)
+    launch = _native.launch(B, "sltrain_rebuild")
     if launch is None:
-        _fallback(B, "sltrain_rebuild")
         return torch.addmm(dense_sparse(values, indices, out, inp), B, A, alpha=scale)
     native, launch_args = launch
     B, A, values, indices = (
@@ -202,12 +185,11 @@ def _rebuild_kernel(B, A, values, indices, scale):
 
 def _sparse_kernel(x, values, indices, rows, cols, transpose):
     width = cols if transpose else rows
-    if x.is_cpu and x.dtype in (torch.float16, torch.bfloat16):
+    if _native.upcast_on_cpu(x):
         y = _sparse_kernel(x.float(), values.float(), indices, rows, cols, transpose)
         return y.to(x.dtype)
-    launch = _launch(x)
+    launch = _native.launch(x, "sparse_matmul")
     if launch is None:
-        _fallback(x, "sparse_matmul")
         s = dense_sparse(values, indices, rows, cols)
         return x @ s if transpose else x @ s.T
     native, launch_args = launch
@@ -224,11 +206,10 @@ def _sparse_kernel(x, values, indices, rows, cols, transpose):
 
 
 def _sampled_kernel(dy, x, indices):
-    if x.is_cpu and x.dtype in (torch.float16, torch.bfloat16):
+    if _native.upcast_on_cpu(x):
         return _sampled_kernel(dy.float(), x.float(), indices).to(x.dtype)
-    launch = _launch(x)
+    launch = _native.launch(x, "sampled_dot")
     if launch is None:
-        _fallback(x, "sampled_dot")
         rows, cols = indices.long() // x.shape[1], indices.long() % x.shape[1]
         return (dy[:, rows] * x[:, cols]).sum(0)
     native, launch_args = launch
