@@ -10,6 +10,8 @@
 //   Floor: out*in*r multiply-adds, W written once.
 // sparse_rows: y[t, row_k] += v_k x[t, col_k] (x S^T), or with `transpose`
 //   y[t, col_k] += v_k x[t, row_k] (x S); one pass over the nonzeros per token.
+// sltrain_scatter: W[indices[k]] += values[k] in place (the composite rebuild's scatter
+//   after a library GEMM); the indices are unique, so threads never share an element.
 // sampled_dot: g[k] = sum_t dy[t, row_k] x[t, col_k]: the dense gradient dy^T x
 //   sampled at the support, without forming it; tokens*nnz multiply-adds.
 #include <pybind11/pybind11.h>
@@ -77,6 +79,13 @@ void rebuild(int64_t out, int64_t in, int rank, const T* b, const T* a, const T*
   });
 }
 
+template <typename T, typename I>
+void scatter_add(const T* values, const I* indices, int64_t nnz, T* w, int threads) {
+  parallel_chunks(nnz, threads, 16384, [&](int64_t begin, int64_t end, int) {
+    for (int64_t k = begin; k < end; ++k) w[indices[k]] += values[k];
+  });
+}
+
 // y (tokens x y_width) = x S^T, or x S with `transpose` (S is rows x cols = out x in).
 // Tokens go in blocks of 8 so each nonzero's position is decoded once per block.
 template <typename T, typename I>
@@ -135,6 +144,20 @@ void bind_sltrain(py::module_& m) {
         });
       },
       py::call_guard<py::gil_scoped_release>(), "W = scale * B A + S in one pass.");
+  m.def(
+      "sltrain_scatter",
+      [](int dtype, int index_code, std::uintptr_t values, std::uintptr_t indices, int64_t nnz,
+         std::uintptr_t w, int threads) {
+        dispatch_cpu_float(static_cast<DType>(dtype), [&](auto tag) {
+          using T = decltype(tag);
+          dispatch_index(index_code, [&](auto itag) {
+            using I = decltype(itag);
+            scatter_add<T, I>(as_ptr<const T>(values), as_ptr<const I>(indices), nnz, as_ptr<T>(w),
+                              threads);
+          });
+        });
+      },
+      py::call_guard<py::gil_scoped_release>(), "W[indices] += values in place.");
   m.def(
       "sparse_rows",
       [](int dtype, int index_code, std::uintptr_t x, int64_t tokens, int64_t x_width,

@@ -38,6 +38,21 @@ void rebuild_cuda(int dtype, int index_code, std::uintptr_t b, std::uintptr_t a,
   });
 }
 
+void scatter_cuda(int dtype, int index_code, std::uintptr_t values, std::uintptr_t indices,
+                  int64_t nnz, std::uintptr_t w, int device, std::uintptr_t stream_handle) {
+  cudaStream_t stream = use_device(device, stream_handle);
+  if (nnz == 0) return;
+  dispatch_cuda_float(static_cast<DType>(dtype), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_index(index_code, [&](auto itag) {
+      using I = decltype(itag);
+      sltrain_scatter_kernel<T, I><<<grid_for_items(nnz, device), kSLTrainThreads, 0, stream>>>(
+          as_ptr<const T>(values), as_ptr<const I>(indices), nnz, as_ptr<T>(w));
+      check_launch("sltrain_scatter_kernel");
+    });
+  });
+}
+
 // y: float32 accumulator, zeroed by the caller.
 void sparse_rows_cuda(int dtype, int index_code, std::uintptr_t x, int64_t tokens, int64_t x_width,
                       std::uintptr_t values, std::uintptr_t indices, int64_t nnz, int64_t cols,
@@ -80,6 +95,7 @@ void sampled_dot_cuda(int dtype, int index_code, std::uintptr_t dy, std::uintptr
 
 void bind_sltrain(py::module_& m) {
   m.def("sltrain_rebuild", &rebuild_cuda, py::call_guard<py::gil_scoped_release>());
+  m.def("sltrain_scatter", &scatter_cuda, py::call_guard<py::gil_scoped_release>());
   m.def("sparse_rows", &sparse_rows_cuda, py::call_guard<py::gil_scoped_release>());
   m.def("sampled_dot", &sampled_dot_cuda, py::call_guard<py::gil_scoped_release>());
 }

@@ -9,9 +9,8 @@ what was built and what can run now.
 from __future__ import annotations
 
 import importlib
-import warnings
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -56,21 +55,6 @@ def native_for(t: torch.Tensor) -> ModuleType | None:
     return None
 
 
-_warned: set[tuple[str, str]] = set()
-
-
-def warn_fallback(op: str, why: str) -> None:
-    """Warns once per (op, reason) that the pure-PyTorch reference runs instead."""
-    key = (op, why)
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(
-            f"lowrank.{op}: {why}; using the PyTorch reference implementation",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
 def new_output(shape: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Allocates an op output (NaN-filled while tests poison outputs)."""
     # Tensor.new_empty parses its arguments faster than torch.empty(..., dtype=, device=).
@@ -84,7 +68,7 @@ def cuda_stream(t: torch.Tensor) -> int:
 
 
 def upcast_on_cpu(t: torch.Tensor) -> bool:
-    """float16/bfloat16 on the CPU run the float32 kernels (DESIGN.md section 4)."""
+    """float16/bfloat16 on the CPU run the float32 kernels (docs/architecture.md)."""
     return t.is_cpu and t.dtype not in CPU_NATIVE_DTYPES
 
 
@@ -96,29 +80,32 @@ def launch_args(t: torch.Tensor) -> tuple:
     return (t.device.index, cuda_stream(t))
 
 
-def launch(t: torch.Tensor, op: str, smem_bytes=None):
-    """``(native module, launch_args(t))`` to run ``op`` on t's device and dtype, or None
-    after a one-time warning (the caller then runs the op's reference).
+def unavailable(t: torch.Tensor, smem_bytes: Callable[[], int] | None = None) -> str | None:
+    """Why no native kernel can run on t's device and dtype, or None when one can.
 
     ``smem_bytes``, a callable, gives a CUDA kernel's shared-memory need; above the
-    device's limit the reference runs. CPU callers upcast float16/bfloat16 first.
+    device's limit the kernel cannot run. CPU kernels take every floating dtype
+    (float16/bfloat16 are computed in float32).
     """
-    why = None
     if t.is_cpu:
-        if _C is None:
-            why = "the CPU module is not built"
-    elif _cuda is None:
-        why = "the CUDA module is not built"
-    elif t.dtype not in CUDA_NATIVE_DTYPES:
-        why = f"no CUDA kernel for {t.dtype}"
-    elif smem_bytes is not None:
+        return None if _C is not None else "the CPU module is not built"
+    if t.device.type != "cuda":
+        return f"no native kernels for {t.device.type} tensors"
+    if _cuda is None:
+        return "the CUDA module is not built"
+    if t.dtype not in CUDA_NATIVE_DTYPES:
+        return f"no CUDA kernel for {t.dtype}"
+    if smem_bytes is not None:
         limit = torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
-        if smem_bytes() > limit:
-            why = f"the kernel needs {smem_bytes()} bytes of shared memory, the GPU has {limit}"
-    if why:
-        warn_fallback(op, why)
-        return None
-    return (_C if t.is_cpu else _cuda), launch_args(t)
+        need = smem_bytes()
+        if need > limit:
+            return f"the kernel needs {need} bytes of shared memory, the GPU has {limit}"
+    return None
+
+
+def module(t: torch.Tensor) -> ModuleType:
+    """The native module for t's device (the caller has checked :func:`unavailable`)."""
+    return _C if t.is_cpu else _cuda
 
 
 def info() -> dict[str, Any]:

@@ -88,3 +88,25 @@ def int_pair(name: str, value: Any) -> tuple[int, int]:
     positive_int(f"{name}[0]", value[0])
     positive_int(f"{name}[1]", value[1])
     return int(value[0]), int(value[1])
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()
+
+
+def no_overlap(op: str, out_name: str, out: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """An output written in place must not share memory with an input it reads (the kernel
+    would read values it has already overwritten)."""
+    if out.numel() == 0 or out.device.type == "meta":
+        return
+    lo, hi = _byte_range(out)
+    for name, t in inputs.items():
+        if t.numel() == 0 or t.device != out.device:
+            continue
+        t_lo, t_hi = _byte_range(t)
+        if t_lo < hi and lo < t_hi:
+            raise ValueError(
+                f"{op}: {out_name} overlaps {name} in memory; the in-place update would read "
+                f"values it has already overwritten (pass a copy of {name})"
+            )

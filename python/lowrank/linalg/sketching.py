@@ -43,9 +43,7 @@ def test_matrix(n: int, l: int, kind: str, seed: int, stream: int, dtype, device
         return ops.random_matrix((n, l), ops.SIGN, seed, stream, dtype, device)
     if kind == "srht":
         signs, cols, _ = _srht_parts(n, l, seed, dtype, device)
-        rows = torch.arange(n, device=device)
-        parity = _popcount_parity(rows[:, None] & cols[None, :])
-        return (1.0 - 2.0 * parity.to(dtype)) * signs[:, None] / math.sqrt(l)
+        return ops.hadamard_columns(n, cols, dtype, device) * signs[:, None] / math.sqrt(l)
     cols, signs = _sparse_sign_parts(n, l, seed, dtype, device)
     omega = torch.zeros(n, l, dtype=dtype, device=device)
     rows = torch.arange(n, device=device).repeat_interleave(cols.shape[1])
@@ -93,11 +91,3 @@ def _sparse_sign_parts(n, l, seed, dtype, device):
             cols[repeated, t] = (cols[repeated, t] + 1) % l
     signs = ops.random_matrix((n, nonzeros), ops.SIGN, seed, STREAM_SPARSE_SIGNS, dtype, device)
     return cols.to(torch.int32), signs / math.sqrt(nonzeros)
-
-
-def _popcount_parity(v: torch.Tensor) -> torch.Tensor:
-    parity = torch.zeros_like(v)
-    while bool((v != 0).any()):
-        parity ^= v & 1
-        v = v >> 1
-    return parity

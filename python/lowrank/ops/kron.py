@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from lowrank import _native
+from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
     below_autograd,
@@ -165,78 +165,133 @@ def _check_output_like(name: str, t: torch.Tensor, x: torch.Tensor, p: int, r: i
         raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
 
 
-# ---- device kernels (one function per op serves CPU and CUDA) -------------------------------
-# Native kernels get raw addresses: every tensor whose address is taken stays bound to a
-# name until the kernel returns (contiguous copies are made first and held).
+# ---- implementations ------------------------------------------------------------------------
+# Each op has a native kernel and a composite path on torch's GEMMs; lowrank.dispatch picks
+# per (device, dtype, token bucket, factor shapes). Native kernels get raw addresses: every
+# tensor whose address is taken stays bound to a name until the kernel returns.
 
 
-def _forward(x, a, b, base, scale, op):
-    p, q, r, s = _check(x, a, b)
-    if base is not None:
-        _check_output_like("base", base, x, p, r)
+def b_first(p: int, q: int, r: int, s: int) -> bool:
+    """True when ``Z = X b^T`` then ``a Z`` costs no more than ``W = a X`` then ``W b^T``."""
+    return q * s * r + p * q * r <= p * q * s + p * s * r
+
+
+def _forward_unavailable(x, a, b, base, scale):
+    p, q, r, s = a.shape[0], a.shape[1], b.shape[0], b.shape[1]
+    return _native.unavailable(x, lambda: _native._cuda.kron_forward_smem_bytes(p, q, r, s))
+
+
+def _forward_native(x, a, b, base, scale, out=None):
+    """The fused kernel. With ``out`` (contiguous, and ``base is out``) it works in place:
+    the kernel reads each element of base before writing it."""
     if _native.upcast_on_cpu(x):
         base32 = None if base is None else base.float()
-        return _forward(x.float(), a.float(), b.float(), base32, scale, op).to(x.dtype)
-    launch = _native.launch(x, op, lambda: _native._cuda.kron_forward_smem_bytes(p, q, r, s))
-    if launch is None:
-        y = kron_matmul_reference(x, a, b)
-        return y if base is None else base + scale * y
-    native, launch_args = launch
+        y = _forward_native(x.float(), a.float(), b.float(), base32, scale).to(x.dtype)
+        return y if out is None else out.copy_(y)
+    (p, q), (r, s) = a.shape, b.shape
     x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
-    base = None if base is None else base.contiguous()
-    y = _native.new_output((*x.shape[:-1], p * r), x)
-    native.kron_matmul(
+    if out is None:
+        base = None if base is None else base.contiguous()
+        out = _native.new_output((*x.shape[:-1], p * r), x)
+    _native.module(x).kron_matmul(
         _native.DTYPE_CODES[x.dtype], x.data_ptr(), a.data_ptr(), b.data_ptr(),
-        0 if base is None else base.data_ptr(), scale, y.data_ptr(), math.prod(x.shape[:-1]),
-        p, q, r, s, *launch_args,
+        0 if base is None else base.data_ptr(), 1.0 if scale is None else scale, out.data_ptr(),
+        math.prod(x.shape[:-1]), p, q, r, s, *_native.launch_args(x),
     )  # fmt: skip
-    return y
+    return out
+
+
+def _forward_composite(x, a, b, base, scale, out=None):
+    """``a X b^T`` per token on torch's GEMMs: one product over all tokens' rows and one
+    batched product sharing the factor, the cheaper order first; a residual ``base`` is
+    added by the last product itself (``addmm``/``baddbmm``). With ``out``, in place."""
+    (p, q), (r, s) = a.shape, b.shape
+    lead = x.shape[:-1]
+    tokens = math.prod(lead)
+    rows = x.reshape(tokens, q, s)
+    alpha = 1.0 if scale is None else scale
+    if out is not None:
+        target = out.view(tokens, p, r)
+    if b_first(p, q, r, s):
+        z = (rows.reshape(tokens * q, s) @ b.T).view(tokens, q, r)
+        if out is not None:
+            target.baddbmm_(a.expand(tokens, p, q), z, alpha=alpha)
+            return out
+        if base is None:
+            y = torch.bmm(a.expand(tokens, p, q), z)
+        else:
+            y = torch.baddbmm(base.reshape(tokens, p, r), a.expand(tokens, p, q), z, alpha=alpha)
+    else:
+        w = torch.bmm(a.expand(tokens, p, q), rows).view(tokens * p, s)
+        if out is not None:
+            target.view(tokens * p, r).addmm_(w, b.T, alpha=alpha)
+            return out
+        if base is None:
+            y = w @ b.T
+        else:
+            y = torch.addmm(base.reshape(tokens * p, r), w, b.T, alpha=alpha)
+    return y.reshape(*lead, p * r)
+
+
+def _static_forward(x, *args):
+    return dispatch.default_kind(x)
+
+
+_FORWARD_IMPLS = (
+    dispatch.Impl("native", dispatch.NATIVE, _forward_native, _forward_unavailable),
+    dispatch.Impl("composite", dispatch.COMPOSITE, _forward_composite),
+)
+_forward_dispatch = dispatch.Dispatcher("kron_matmul", _FORWARD_IMPLS, _static_forward)
+_add_dispatch = dispatch.Dispatcher("kron_matmul_add", _FORWARD_IMPLS, _static_forward)
+
+
+def _key(x, p, q, r, s):
+    return (x.dtype, dispatch.bucket(math.prod(x.shape[:-1])), p, q, r, s)
 
 
 def _forward_kernel(x, a, b):
-    return _forward(x, a, b, None, 1.0, "kron_matmul")
+    p, q, r, s = _check(x, a, b)
+    return _forward_dispatch(_key(x, p, q, r, s), x, x, a, b, None, None)
 
 
 def _add_kernel(base, x, a, b, scale=1.0):
-    return _forward(x, a, b, base, scale, "kron_matmul_add")
+    p, q, r, s = _check(x, a, b)
+    _check_output_like("base", base, x, p, r)
+    return _add_dispatch(_key(x, p, q, r, s), x, x, a, b, base, scale)
 
 
 def _add_inplace_kernel(base, x, a, b, scale=1.0):
     p, q, r, s = _check(x, a, b)
     _check_output_like("base", base, x, p, r)
-    if _native.upcast_on_cpu(x) or not base.is_contiguous():
-        base.copy_(_forward(x, a, b, base, scale, "kron_matmul_add_"))
-        return
-    launch = _native.launch(
-        x, "kron_matmul_add_", lambda: _native._cuda.kron_forward_smem_bytes(p, q, r, s)
+    check.no_overlap("kron_matmul_add_", "base", base, x=x, a=a, b=b)
+    impl = _add_dispatch.choose(_key(x, p, q, r, s), x, x, a, b, base, scale)
+    if not base.is_contiguous():
+        base.copy_(impl.run(x, a, b, base, scale))
+    else:  # both implementations read each element of base before writing it
+        impl.run(x, a, b, base, scale, out=base)
+
+
+def _backward_unavailable(grad, x, a, b, need_x, need_factors):
+    p, q, r, s = a.shape[0], a.shape[1], b.shape[0], b.shape[1]
+    return _native.unavailable(
+        x,
+        lambda: max(
+            _native._cuda.kron_backward_smem_bytes(p, q, r, s),
+            _native._cuda.kron_forward_smem_bytes(q, p, s, r),
+        ),
     )
-    if launch is None:
-        base.add_(kron_matmul_reference(x, a, b), alpha=scale)
-        return
-    native, launch_args = launch
-    x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
-    # The kernels read each base element before writing it, so base is addend and output.
-    native.kron_matmul(
-        _native.DTYPE_CODES[x.dtype], x.data_ptr(), a.data_ptr(), b.data_ptr(), base.data_ptr(),
-        scale, base.data_ptr(), math.prod(x.shape[:-1]), p, q, r, s, *launch_args,
-    )  # fmt: skip
 
 
-def _backward_kernel(grad, x, a, b, need_x, need_factors):
-    p, q, r, s = _check(x, a, b)
-    _check_output_like("grad", grad, x, p, r)
+def _backward_native(grad, x, a, b, need_x, need_factors):
     if _native.upcast_on_cpu(x):
-        outs = _backward_kernel(grad.float(), x.float(), a.float(), b.float(), need_x, need_factors)
+        outs = _backward_native(grad.float(), x.float(), a.float(), b.float(), need_x, need_factors)
         return tuple(o.to(x.dtype) for o in outs)
-    smem = lambda: _native._cuda.kron_backward_smem_bytes(p, q, r, s)  # noqa: E731
-    launch = _native.launch(x, "kron_matmul_backward", smem)
-    if launch is None:
-        return kron_matmul_backward_reference(grad, x, a, b, need_x, need_factors)
-    native, launch_args = launch
+    (p, q), (r, s) = a.shape, b.shape
+    native, launch_args = _native.module(x), _native.launch_args(x)
     empty = x.new_empty(0)
     if not x.is_cpu:
         # dX = dY @ kron(a^T, b^T)^T: the forward kernel on transposed factors.
-        dx = _forward_kernel(grad, a.t().contiguous(), b.t().contiguous()) if need_x else empty
+        dx = _forward_native(grad, a.t(), b.t(), None, None) if need_x else empty
         need_x = False
     else:
         dx = _native.new_output(x.shape, x) if need_x else empty
@@ -254,7 +309,7 @@ def _backward_kernel(grad, x, a, b, need_x, need_factors):
             db.data_ptr() if need_factors else 0, tokens, p, q, r, s, *launch_args,
         )  # fmt: skip
         return dx, da, db
-    # CUDA: the factor gradients accumulate across blocks in float32.
+    # CUDA: the factor gradients accumulate across blocks in float32 (atomics).
     da = torch.zeros((p, q), dtype=torch.float32, device=x.device)
     db = torch.zeros((r, s), dtype=torch.float32, device=x.device)
     native.kron_factor_grads(
@@ -262,6 +317,40 @@ def _backward_kernel(grad, x, a, b, need_x, need_factors):
         db.data_ptr(), tokens, p, q, r, s, *launch_args,
     )  # fmt: skip
     return dx, da.to(a.dtype), db.to(b.dtype)
+
+
+def _backward_composite(grad, x, a, b, need_x, need_factors):
+    """Gradients on torch's GEMMs: ``K = a^T G`` (batched, shared), ``dX = K b`` and
+    ``db = sum_t K_t^T X_t`` (products over all tokens' rows), ``da = sum_t G_t Z_t^T``
+    with ``Z = X b^T`` (one product over tokens x r after regrouping G by rows of a)."""
+    (p, q), (r, s) = a.shape, b.shape
+    tokens = math.prod(x.shape[:-1])
+    g = grad.reshape(tokens, p, r)
+    rows = x.reshape(tokens, q, s)
+    empty = x.new_empty(0)
+    k = torch.bmm(a.T.expand(tokens, q, p), g).view(tokens * q, r)
+    dx = (k @ b).view(x.shape) if need_x else empty
+    if not need_factors:
+        return dx, empty, empty
+    db = k.T @ rows.reshape(tokens * q, s)
+    z = torch.bmm(rows.transpose(0, 1), b.T.expand(q, s, r))  # (q, tokens, r): Z by rows of a
+    da = g.transpose(0, 1).reshape(p, tokens * r) @ z.view(q, tokens * r).T
+    return dx, da, db
+
+
+_BACKWARD_IMPLS = (
+    dispatch.Impl("native", dispatch.NATIVE, _backward_native, _backward_unavailable,
+                  nondeterministic_on=frozenset({"cuda"})),
+    dispatch.Impl("composite", dispatch.COMPOSITE, _backward_composite),
+)  # fmt: skip
+_backward_dispatch = dispatch.Dispatcher("kron_matmul_backward", _BACKWARD_IMPLS, _static_forward)
+
+
+def _backward_kernel(grad, x, a, b, need_x, need_factors):
+    p, q, r, s = _check(x, a, b)
+    _check_output_like("grad", grad, x, p, r)
+    key = (*_key(x, p, q, r, s), need_x, need_factors)
+    return _backward_dispatch(key, x, grad, x, a, b, need_x, need_factors)
 
 
 for _device in ("cpu", "cuda"):

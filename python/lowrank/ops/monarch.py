@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from lowrank import _native
+from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
     below_autograd,
@@ -121,45 +121,103 @@ def _check_grad(grad, x, l, s):
 
 
 def reference_is_faster(x: torch.Tensor, w1: torch.Tensor) -> bool:
-    """The cost model for the CPU: below ``4 * p`` tokens with blocks of 64 or more inputs,
-    the two batched products of the reference beat the fused kernel, whose per-call
-    cost (transposing the weights once) is not yet paid back (bench/bench_monarch.py)."""
+    """The CPU cost model (the static choice when nothing was measured): below ``4 * p``
+    tokens with blocks of 64 or more inputs, batched GEMMs beat the fused kernel, whose
+    per-call cost (transposing the weights once) is not yet paid back (bench/bench_monarch.py)."""
     p = w1.shape[-1]
     return x.is_cpu and p >= 64 and math.prod(x.shape[:-1]) < 4 * p
 
 
-def _forward_kernel(x, w1, w2):
-    k, q, p, l, s, r = _check(x, w1, w2)
+def _static(x, w1, *args):
+    if not x.is_cpu:
+        return dispatch.COMPOSITE
+    return dispatch.COMPOSITE if reference_is_faster(x, w1) else dispatch.NATIVE
+
+
+def _key(x, k, q, p, l, s, r):
+    return (x.dtype, dispatch.bucket(math.prod(x.shape[:-1])), k, q, p, l, s, r)
+
+
+# ---- composite path: strided-batched GEMMs on views ----------------------------------------------
+# With the token index innermost, stage one writes h^T (k*q, T) and the stride-l regrouping
+# between the factors is a free view: h^T read as (r, l, T) gives block ll's (r, T) operand
+# with unit stride over tokens. x enters as a transposed view and the GEMMs write y, dx and
+# dh^T straight into their final storage through strided views, so each direction copies
+# once, a transpose inside each token's row (y's (l, s) -> (s, l) forward, dy's back), where
+# the original two-bmm code copies twice and keeps h alive for backward.
+
+
+def _composite_forward(x, w1, w2):
+    (k, _, p), (l, s, r) = w1.shape, w2.shape
+    batch = x.shape[:-1]
+    tokens = math.prod(batch)
+    ht = torch.bmm(w1, x.reshape(tokens, k, p).permute(1, 2, 0))  # (k, q, T) = h^T
+    y = x.new_empty((tokens, l, s))
+    torch.bmm(ht.view(r, l, tokens).permute(1, 2, 0), w2.transpose(1, 2), out=y.transpose(0, 1))
+    return y.transpose(1, 2).reshape(*batch, s * l)
+
+
+def _composite_backward(grad, x, w1, w2, need_x, need_w1, need_w2):
+    (k, q, p), (l, s, r) = w1.shape, w2.shape
+    tokens = math.prod(x.shape[:-1])
+    rows = x.reshape(tokens, k, p)
+    empty = x.new_empty(0)
+    # dy regrouped by output block: (T, l, s), read as (l, s, T).
+    gt = grad.reshape(tokens, s, l).transpose(1, 2).contiguous().permute(1, 2, 0)
+    dw2 = empty
+    if need_w2:  # h recomputed, never saved
+        ht = torch.bmm(w1, rows.permute(1, 2, 0))  # (k, q, T)
+        dw2 = torch.bmm(gt, ht.view(r, l, tokens).permute(1, 2, 0))  # (l, s, T) @ (l, T, r)
+    if not (need_x or need_w1):
+        return empty, empty, dw2
+    dht = grad.new_empty((r, l, tokens))  # dh^T in h^T's layout (k*q, T)
+    torch.bmm(w2.transpose(1, 2), gt, out=dht.transpose(0, 1))
+    dht = dht.view(k, q, tokens)
+    dw1 = torch.bmm(dht, rows.transpose(0, 1)) if need_w1 else empty  # (k, q, T) @ (k, T, p)
+    dx = empty
+    if need_x:
+        dx = x.new_empty((tokens, k, p))
+        torch.bmm(dht.transpose(1, 2), w1, out=dx.transpose(0, 1))  # (k, T, q) @ (k, q, p)
+        dx = dx.view(x.shape)
+    return dx, dw1, dw2
+
+
+# ---- native kernels ------------------------------------------------------------------------------
+
+
+def _forward_smem(k, q, p):
+    return (k * p + k * q) * 4  # x and h of one token, float32
+
+
+def _forward_unavailable(x, w1, w2):
+    k, q, p = w1.shape
+    return _native.unavailable(x, lambda: _forward_smem(k, q, p))
+
+
+def _backward_unavailable(grad, x, w1, w2, *needs):
+    k, q, p = w1.shape
+    return _native.unavailable(x, lambda: _forward_smem(k, q, p))
+
+
+def _native_forward(x, w1, w2):
     if _native.upcast_on_cpu(x):
-        return _forward_kernel(x.float(), w1.float(), w2.float()).to(x.dtype)
-    if reference_is_faster(x, w1):
-        return monarch_matmul_reference(x, w1, w2)
-    launch = _native.launch(x, "monarch_matmul")
-    if launch is None:
-        return monarch_matmul_reference(x, w1, w2)
-    native, launch_args = launch
+        return _native_forward(x.float(), w1.float(), w2.float()).to(x.dtype)
+    (k, q, p), (l, s, r) = w1.shape, w2.shape
     x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
     y = _native.new_output((*x.shape[:-1], l * s), x)
-    native.monarch_matmul(
+    _native.module(x).monarch_matmul(
         _native.DTYPE_CODES[x.dtype], x.data_ptr(), w1.data_ptr(), w2.data_ptr(), y.data_ptr(),
-        math.prod(x.shape[:-1]), k, q, p, l, s, r, *launch_args,
+        math.prod(x.shape[:-1]), k, q, p, l, s, r, *_native.launch_args(x),
     )  # fmt: skip
     return y
 
 
-def _backward_kernel(grad, x, w1, w2, need_x, need_w1, need_w2):
-    k, q, p, l, s, r = _check(x, w1, w2)
-    _check_grad(grad, x, l, s)
+def _native_backward(grad, x, w1, w2, need_x, need_w1, need_w2):
     if _native.upcast_on_cpu(x):
-        outs = _backward_kernel(grad.float(), x.float(), w1.float(), w2.float(), need_x, need_w1,
+        outs = _native_backward(grad.float(), x.float(), w1.float(), w2.float(), need_x, need_w1,
                                 need_w2)  # fmt: skip
         return tuple(o.to(x.dtype) for o in outs)
-    if reference_is_faster(x, w1):
-        return monarch_matmul_backward_reference(grad, x, w1, w2, need_x, need_w1, need_w2)
-    launch = _native.launch(x, "monarch_matmul_backward")
-    if launch is None:
-        return monarch_matmul_backward_reference(grad, x, w1, w2, need_x, need_w1, need_w2)
-    native, launch_args = launch
+    (k, q, p), (l, s, r) = w1.shape, w2.shape
     grad, x, w1, w2 = grad.contiguous(), x.contiguous(), w1.contiguous(), w2.contiguous()
     empty = x.new_empty(0)
     # CUDA sums the weight gradients across blocks in float32.
@@ -173,13 +231,37 @@ def _backward_kernel(grad, x, w1, w2, need_x, need_w1, need_w2):
         w2.data_ptr(), dx.data_ptr() if need_x else 0, dw1.data_ptr() if need_w1 else 0,
         dw2.data_ptr() if need_w2 else 0,
     )  # fmt: skip
+    native = _native.module(x)
     if x.is_cpu:
-        native.monarch_matmul_backward(*pointers, tokens, k, q, p, l, s, r, *launch_args)
+        native.monarch_matmul_backward(*pointers, tokens, k, q, p, l, s, r,
+                                       *_native.launch_args(x))  # fmt: skip
     else:  # h and dh of every token, float32, freed on return
         workspace = torch.empty(2 * tokens * k * q, dtype=torch.float32, device=x.device)
         native.monarch_matmul_backward(*pointers, workspace.data_ptr(), tokens, k, q, p, l, s, r,
-                                       *launch_args)  # fmt: skip
+                                       *_native.launch_args(x))  # fmt: skip
     return dx, dw1.to(w1.dtype), dw2.to(w2.dtype)
+
+
+_forward_dispatch = dispatch.Dispatcher("monarch_matmul", (
+    dispatch.Impl("native", dispatch.NATIVE, _native_forward, _forward_unavailable),
+    dispatch.Impl("composite", dispatch.COMPOSITE, _composite_forward),
+), _static)  # fmt: skip
+_backward_dispatch = dispatch.Dispatcher("monarch_matmul_backward", (
+    dispatch.Impl("native", dispatch.NATIVE, _native_backward, _backward_unavailable),
+    dispatch.Impl("composite", dispatch.COMPOSITE, _composite_backward),
+), lambda grad, x, w1, *args: _static(x, w1))  # fmt: skip
+
+
+def _forward_kernel(x, w1, w2):
+    dims = _check(x, w1, w2)
+    return _forward_dispatch(_key(x, *dims), x, x, w1, w2)
+
+
+def _backward_kernel(grad, x, w1, w2, need_x, need_w1, need_w2):
+    dims = _check(x, w1, w2)
+    _check_grad(grad, x, dims[3], dims[4])
+    key = (*_key(x, *dims), need_x, need_w1, need_w2)
+    return _backward_dispatch(key, x, grad, x, w1, w2, need_x, need_w1, need_w2)
 
 
 for _device in ("cpu", "cuda"):

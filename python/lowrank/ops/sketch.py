@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from lowrank import _native
+from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import define, register_fake, register_kernel
 
@@ -140,26 +140,43 @@ def _check_rows(name: str, a: torch.Tensor) -> None:
 
 def _check_srht(a, signs, cols, n2):
     _check_rows("a", a)
+    check.floating("signs", signs)
+    check.tensor("cols", cols)
     check.same_dtype(a=a, signs=signs)
     check.same_device(a=a, signs=signs, cols=cols)
     n = a.shape[1]
     if signs.shape != (n,):
         raise ValueError(f"signs must have shape ({n},), got {tuple(signs.shape)}")
     if cols.dtype != torch.int64 or cols.dim() != 1:
-        raise TypeError("cols must be a 1-D int64 tensor")
-    if n2 < max(n, 1) or n2 & (n2 - 1):
-        raise ValueError(f"n2 must be a power of two >= n = {n}, got {n2}")
+        raise TypeError(f"cols must be a 1-D int64 tensor, got {cols.dtype} of shape "
+                        f"{tuple(cols.shape)}")  # fmt: skip
+    if isinstance(n2, bool) or not isinstance(n2, int) or n2 < max(n, 1) or n2 & (n2 - 1):
+        raise ValueError(f"n2 must be a power of two >= n = {n}, got {n2!r}")
 
 
 def _check_sparse_sign(a, cols, signs, l):
     _check_rows("a", a)
+    check.floating("signs", signs)
+    check.tensor("cols", cols)
     check.same_dtype(a=a, signs=signs)
     check.same_device(a=a, signs=signs, cols=cols)
     if cols.dtype != torch.int32 or cols.dim() != 2 or cols.shape[0] != a.shape[1]:
-        raise ValueError(f"cols must be an int32 ({a.shape[1]}, nonzeros) tensor")
+        raise TypeError(f"cols must be an int32 ({a.shape[1]}, nonzeros) tensor, got "
+                        f"{cols.dtype} of shape {tuple(cols.shape)}")  # fmt: skip
     if signs.shape != cols.shape:
-        raise ValueError("signs must have the shape of cols")
+        raise ValueError(f"signs must have the shape of cols {tuple(cols.shape)}, got "
+                         f"{tuple(signs.shape)}")  # fmt: skip
     check.positive_int("l", l)
+
+
+def _check_range(name: str, t: torch.Tensor, bound: int) -> None:
+    """Every entry of the index tensor t in [0, bound): kernels index memory with them."""
+    if t.numel() == 0:
+        return
+    low, high = torch.aminmax(t)
+    if int(low) < 0 or int(high) >= bound:
+        raise ValueError(f"{name} must lie in [0, {bound}), got values in [{int(low)}, "
+                         f"{int(high)}]")  # fmt: skip
 
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -188,45 +205,71 @@ def _fill_kernel(out, kind, seed, stream):
                        stream, *_native.launch_args(out))  # fmt: skip
 
 
-def _rows_native(a: torch.Tensor):
-    """The native module for a row-sketch of a, or None (upcast or fallback decided by caller)."""
-    if a.is_cpu:
-        return _native._C if a.dtype in _native.CPU_NATIVE_DTYPES else None
-    return _native._cuda if a.dtype in _native.CUDA_NATIVE_DTYPES else None
+def hadamard_columns(n: int, cols: torch.Tensor, dtype, device) -> torch.Tensor:
+    """Rows ``0..n-1`` of the Walsh-Hadamard matrix at columns ``cols``: ``(n, len(cols))``
+    entries ``(-1)^popcount(j & c)``."""
+    v = torch.arange(n, device=device)[:, None] & cols.to(device)[None, :]
+    for shift in (32, 16, 8, 4, 2, 1):
+        v = v ^ (v >> shift)
+    return 1.0 - 2.0 * (v & 1).to(dtype)
+
+
+def _srht_native(a, signs, cols, n2, scale):
+    if _native.upcast_on_cpu(a):
+        return _srht_native(a.float(), signs.float(), cols, n2, scale).to(a.dtype)
+    a, signs, cols = a.contiguous(), signs.contiguous(), cols.contiguous()
+    out = _native.new_output((a.shape[0], cols.shape[0]), a)
+    _native.module(a).srht_rows(
+        _native.DTYPE_CODES[a.dtype], a.data_ptr(), a.shape[0], a.shape[1], signs.data_ptr(),
+        cols.data_ptr(), cols.shape[0], n2, scale, out.data_ptr(), *_native.launch_args(a),
+    )  # fmt: skip
+    return out
+
+
+def _srht_composite(a, signs, cols, n2, scale):
+    """One GEMM with the sampled columns of ``D H`` (``n x l``): the vendor library's
+    rate beats the transform's fewer operations at sketch sizes."""
+    omega = hadamard_columns(a.shape[1], cols, a.dtype, a.device) * (scale * signs[:, None])
+    return a @ omega
+
+
+def _sparse_sign_native(a, cols, signs, l):
+    if _native.upcast_on_cpu(a):
+        return _sparse_sign_native(a.float(), cols, signs.float(), l).to(a.dtype)
+    a, cols, signs = a.contiguous(), cols.contiguous(), signs.contiguous()
+    out = _native.new_output((a.shape[0], l), a)
+    _native.module(a).sparse_sign_rows(
+        _native.DTYPE_CODES[a.dtype], a.data_ptr(), a.shape[0], a.shape[1], cols.data_ptr(),
+        signs.data_ptr(), cols.shape[1], l, out.data_ptr(), *_native.launch_args(a),
+    )  # fmt: skip
+    return out
+
+
+_srht_dispatch = dispatch.Dispatcher("srht_rows", (
+    dispatch.Impl("native", dispatch.NATIVE, _srht_native,
+                  lambda a, signs, cols, n2, scale: _native.unavailable(a, lambda: n2 * 4)),
+    dispatch.Impl("composite", dispatch.COMPOSITE, _srht_composite),
+), dispatch.default_kind)  # fmt: skip
+_sparse_sign_dispatch = dispatch.Dispatcher("sparse_sign_rows", (
+    dispatch.Impl("native", dispatch.NATIVE, _sparse_sign_native,
+                  lambda a, cols, signs, l: _native.unavailable(a, lambda: l * 4),
+                  frozenset({"cuda"})),
+    dispatch.Impl("composite", dispatch.COMPOSITE, sparse_sign_rows_reference),
+), dispatch.default_kind)  # fmt: skip
 
 
 def _srht_kernel(a, signs, cols, n2, scale):
     _check_srht(a, signs, cols, n2)
-    native = _rows_native(a)
-    too_big = not a.is_cpu and n2 * 4 > torch.cuda.get_device_properties(
-        a.device).shared_memory_per_block_optin  # fmt: skip
-    if native is None or too_big:
-        if a.is_cpu and a.dtype not in _native.CPU_NATIVE_DTYPES:
-            return _srht_kernel(a.float(), signs.float(), cols, n2, scale).to(a.dtype)
-        _native.warn_fallback("srht_rows", f"no native kernel for {a.dtype} rows of {n2}")
-        return srht_rows_reference(a, signs, cols, n2, scale)
-    a, signs, cols = a.contiguous(), signs.contiguous(), cols.contiguous()
-    out = _native.new_output((a.shape[0], cols.shape[0]), a)
-    native.srht_rows(_native.DTYPE_CODES[a.dtype], a.data_ptr(), a.shape[0], a.shape[1],
-                     signs.data_ptr(), cols.data_ptr(), cols.shape[0], n2, scale, out.data_ptr(),
-                     *_native.launch_args(a))  # fmt: skip
-    return out
+    _check_range("cols", cols, n2)
+    key = (a.dtype, dispatch.bucket(a.shape[0]), a.shape[1], cols.shape[0])
+    return _srht_dispatch(key, a, a, signs, cols, n2, scale)
 
 
 def _sparse_sign_kernel(a, cols, signs, l):
     _check_sparse_sign(a, cols, signs, l)
-    native = _rows_native(a)
-    if native is None:
-        if a.is_cpu and a.dtype not in _native.CPU_NATIVE_DTYPES:
-            return _sparse_sign_kernel(a.float(), cols, signs.float(), l).to(a.dtype)
-        _native.warn_fallback("sparse_sign_rows", f"no native kernel for {a.dtype}")
-        return sparse_sign_rows_reference(a, cols, signs, l)
-    a, cols, signs = a.contiguous(), cols.contiguous(), signs.contiguous()
-    out = _native.new_output((a.shape[0], l), a)
-    native.sparse_sign_rows(_native.DTYPE_CODES[a.dtype], a.data_ptr(), a.shape[0], a.shape[1],
-                            cols.data_ptr(), signs.data_ptr(), cols.shape[1], l, out.data_ptr(),
-                            *_native.launch_args(a))  # fmt: skip
-    return out
+    _check_range("cols", cols, l)
+    key = (a.dtype, dispatch.bucket(a.shape[0]), a.shape[1], l, cols.shape[1])
+    return _sparse_sign_dispatch(key, a, a, cols, signs, l)
 
 
 for _device in ("cpu", "cuda"):
