@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from harness import Result, measure_bandwidth_gbs, time_ms
+from harness import (
+    LOWRANK_VARIANTS,
+    Result,
+    auto_choices,
+    dispatch_mark,
+    measure_bandwidth_gbs,
+    time_ms,
+    under,
+)
 
 from lowrank.ops import kron_matmul
 
@@ -26,7 +34,11 @@ def torch_reshape(x, a, b):
     return torch.matmul(torch.matmul(a, rows), b.T).reshape(*x.shape[:-1], p * r)
 
 
-IMPLS = {"lowrank": kron_matmul, "materialised": materialised, "torch_reshape": torch_reshape}
+IMPLS = {
+    **{name: kron_matmul for name in LOWRANK_VARIANTS},
+    "materialised": materialised,
+    "torch_reshape": torch_reshape,
+}
 
 
 def cases(device: torch.device, quick: bool):
@@ -64,8 +76,12 @@ def run(device: torch.device, quick: bool) -> list[Result]:
                 x.grad = a.grad = b.grad = None
                 fn(x, a, b).backward(grad)
 
-            fwd = time_ms(forward, device, rotate=rotate)
-            both = time_ms(forward_backward, device, rotate=rotate)
-            results.append(Result("kron", case + " fwd", impl, fwd, {"memory_floor_ms": floor_ms}))
-            results.append(Result("kron", case + " fwd+bwd", impl, both))
+            mark = dispatch_mark()
+            kind = LOWRANK_VARIANTS.get(impl)  # forced for forward and backward alike
+            fwd = time_ms(under(kind, forward), device, rotate=rotate)
+            both = time_ms(under(kind, forward_backward), device, rotate=rotate)
+            chose = {"auto_chose": auto_choices(mark)} if impl == "lowrank" else {}
+            results.append(Result("kron", case + " fwd", impl, fwd,
+                                  {"memory_floor_ms": floor_ms, **chose}))  # fmt: skip
+            results.append(Result("kron", case + " fwd+bwd", impl, both, chose))
     return results

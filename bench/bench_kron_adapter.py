@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from harness import Result, peak_bytes, time_ms
+from harness import (
+    LOWRANK_VARIANTS,
+    Result,
+    auto_choices,
+    dispatch_mark,
+    peak_bytes,
+    time_ms,
+    under,
+)
 
 from lowrank.nn import KronAdapter
 from lowrank.ops import kron_matmul_add
@@ -66,9 +74,9 @@ def measure(device, n, factor, rank, tokens, dtype) -> list[Result]:
         (base(x) + F.linear(x, adapter.delta_weight())).backward(grad)
 
     rows = [
-        ("adapter fwd+bwd", "lowrank", ours_branch),
+        *(("adapter fwd+bwd", name, ours_branch) for name in LOWRANK_VARIANTS),
         ("adapter fwd+bwd", "materialised", materialised_branch),
-        ("layer fwd+bwd", "lowrank", ours_layer),
+        *(("layer fwd+bwd", name, ours_layer) for name in LOWRANK_VARIANTS),
         ("layer fwd+bwd", "materialised", materialised_layer),
     ]
     lokr = peft_layer(base, min(rank, n), factor, 8.0)
@@ -76,9 +84,13 @@ def measure(device, n, factor, rank, tokens, dtype) -> list[Result]:
         rows.append(("layer fwd+bwd", "peft LoKr", lambda i: lokr(x).backward(grad)))
     results = []
     for what, impl, fn in rows:
+        fn = under(LOWRANK_VARIANTS.get(impl), fn)  # forward and backward
+        mark = dispatch_mark()
         ms = time_ms(fn, device, min_run_time=0.3)
         peak = peak_bytes(lambda fn=fn: fn(0), device)
         extra = {"peak_MiB": None if peak is None else peak / 2**20}
+        if impl == "lowrank":
+            extra["auto_chose"] = auto_choices(mark)
         results.append(Result("kron_adapter", f"{label} {what}", impl, ms, extra))
     return results
 

@@ -1,19 +1,64 @@
-"""Monarch products against the two-bmm reference and dense nn.Linear.
+"""Monarch products against the original two-bmm code and dense nn.Linear.
 
-Baselines: ``monarch_matmul_reference`` (two batched products and two shuffle
-copies, autograd keeping the intermediate for backward: the original code's
-structure) and ``F.linear`` with the equivalent dense weight. Forward and
-forward+backward (gradients of x, w1, w2); "saved_MiB" is what autograd keeps
-between forward and backward beyond the inputs and weights.
+Baselines: the structure of the original Monarch code (Dao et al. 2022) rebuilt here
+as ``original_two_bmm``: per direction two batched GEMMs and two permutation copies,
+with the intermediate ``h`` kept by autograd for backward; and ``F.linear`` with the
+equivalent dense weight. lowrank's rows: the measured dispatch, its native kernel and
+its composite path. Forward and forward+backward (gradients of x, w1, w2);
+"saved_MiB" is what autograd keeps between forward and backward beyond the inputs
+and weights.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from harness import Result, measure_bandwidth_gbs, time_ms
+from harness import (
+    LOWRANK_VARIANTS,
+    Result,
+    auto_choices,
+    dispatch_mark,
+    measure_bandwidth_gbs,
+    time_ms,
+    under,
+)
 
-from lowrank.ops import monarch_matmul, monarch_matmul_reference
+from lowrank.ops import monarch_matmul
+
+
+class _OriginalTwoBmm(torch.autograd.Function):
+    """``y = P_out blockdiag(w2) P blockdiag(w1) x`` as the original code computes it."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2):
+        (k, q, p), (l, s, r) = w1.shape, w2.shape
+        tokens = x.shape[0]
+        h = x.new_empty((tokens, k, q))
+        torch.bmm(x.view(tokens, k, p).transpose(0, 1), w1.transpose(1, 2), out=h.transpose(0, 1))
+        h = h.view(tokens, r, l).transpose(1, 2).contiguous()  # copy 1: (T, l, r)
+        y = x.new_empty((tokens, l, s))
+        torch.bmm(h.transpose(0, 1), w2.transpose(1, 2), out=y.transpose(0, 1))
+        ctx.save_for_backward(x, w1, w2, h)
+        return y.transpose(1, 2).reshape(tokens, s * l)  # copy 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, w2, h = ctx.saved_tensors
+        (k, q, p), (l, s, r) = w1.shape, w2.shape
+        tokens = x.shape[0]
+        g = grad.reshape(tokens, s, l).transpose(1, 2).contiguous().transpose(0, 1)  # copy 1
+        dw2 = torch.bmm(g.transpose(1, 2), h.transpose(0, 1))
+        dh = x.new_empty((tokens, l, r))
+        torch.bmm(g, w2, out=dh.transpose(0, 1))
+        dh = dh.transpose(1, 2).contiguous().view(tokens, k, q)  # copy 2
+        dx = x.new_empty((tokens, k, p))
+        torch.bmm(dh.transpose(0, 1), w1, out=dx.transpose(0, 1))
+        dw1 = torch.bmm(dh.transpose(0, 1).transpose(1, 2), x.view(tokens, k, p).transpose(0, 1))
+        return dx.view(tokens, k * p), dw1, dw2
+
+
+def original_two_bmm(x, w1, w2):
+    return _OriginalTwoBmm.apply(x, w1, w2)
 
 
 def square_factors(n: int, nblocks: int, dtype, device):
@@ -49,27 +94,33 @@ def measure(device, n, nblocks, tokens, dtype, bandwidth):
     label = f"n={n} blocks={nblocks} T={tokens}"
     floor_ms = 2 * tokens * n * x.element_size() / (bandwidth * 1e9) * 1e3
     impls = {
-        "lowrank": lambda: monarch_matmul(x, w1, w2),
-        "two-bmm reference": lambda: monarch_matmul_reference(x, w1, w2),
-        "dense F.linear": lambda: F.linear(x, dense),
+        **{name: monarch_matmul for name in LOWRANK_VARIANTS},
+        "original two-bmm": original_two_bmm,
+        "dense F.linear": F.linear,
     }
-    saved = {"lowrank": 0.0, "two-bmm reference": tokens * n * x.element_size() / 2**20,
-             "dense F.linear": 0.0}  # fmt: skip
+    h_mib = tokens * w1.shape[0] * w1.shape[1] * x.element_size() / 2**20
     results = []
     for impl, fn in impls.items():
+        weights = (dense,) if impl == "dense F.linear" else (w1, w2)
 
-        def forward(i, fn=fn):
+        def forward(i, fn=fn, weights=weights):
             with torch.no_grad():
-                return fn()
+                return fn(x, *weights)
 
-        def both(i, fn=fn):
+        def both(i, fn=fn, weights=weights):
             x.grad = w1.grad = w2.grad = dense.grad = None
-            fn().backward(grad)
+            fn(x, *weights).backward(grad)
 
-        results.append(Result("monarch", f"{label} fwd", impl, time_ms(forward, device),
-                              {"memory_floor_ms": floor_ms}))  # fmt: skip
-        results.append(Result("monarch", f"{label} fwd+bwd", impl, time_ms(both, device),
-                              {"saved_MiB": saved[impl]}))  # fmt: skip
+        mark = dispatch_mark()
+        kind = LOWRANK_VARIANTS.get(impl)  # forced for forward and backward alike
+        fwd_ms = time_ms(under(kind, forward), device)
+        both_ms = time_ms(under(kind, both), device)
+        chose = {"auto_chose": auto_choices(mark)} if impl == "lowrank" else {}
+        saved = h_mib if impl == "original two-bmm" else 0.0
+        results.append(Result("monarch", f"{label} fwd", impl, fwd_ms,
+                              {"memory_floor_ms": floor_ms, **chose}))  # fmt: skip
+        results.append(Result("monarch", f"{label} fwd+bwd", impl, both_ms,
+                              {"saved_MiB": saved, **chose}))  # fmt: skip
     return results
 
 

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from harness import Result, peak_bytes, time_ms
+from harness import (
+    LOWRANK_VARIANTS,
+    Result,
+    auto_choices,
+    dispatch_mark,
+    peak_bytes,
+    time_ms,
+    under,
+)
 
 from lowrank.nn import SLTrainLinear
 
@@ -53,8 +61,9 @@ def measure(device, n, tokens, dtype):
     grad = torch.randn(tokens, n, device=device, dtype=dtype)
     label = f"n={n} r={n // 4} T={tokens}"
     params = sum(p.numel() for p in layer.parameters()) * x.element_size()
+    ours = params + 4 * layer.indices.numel()
     impls = {
-        "lowrank": (lambda: layer(x), params + 4 * layer.indices.numel()),
+        **{name: (lambda: layer(x), ours) for name in LOWRANK_VARIANTS},
         "dense-rebuild reference": (lambda: reference(x, layer, indices64),
                                     params + 8 * layer.indices.numel()),
         "dense nn.Linear": (lambda: dense(x), sum(p.numel() for p in dense.parameters())
@@ -68,10 +77,14 @@ def measure(device, n, tokens, dtype):
                 p.grad = None
             fn().backward(grad)
 
+        step = under(LOWRANK_VARIANTS.get(impl), step)  # forward and backward
+        mark = dispatch_mark()
         ms = time_ms(step, device)
         peak = peak_bytes(lambda step=step: step(0), device)
         extra = {"param_index_MiB": bytes_ / 2**20,
                  "peak_MiB": None if peak is None else peak / 2**20}  # fmt: skip
+        if impl == "lowrank":
+            extra["auto_chose"] = auto_choices(mark)
         results.append(Result("sltrain", f"{label} fwd+bwd", impl, ms, extra))
     return results
 

@@ -6,6 +6,9 @@
   several input sets rotated so repeated calls do not run from a warm L2.
 - ``Result`` is one measured (suite, case, implementation) row; ``bench/run.py``
   gathers them into the table, the JSON and the plot.
+- ``LOWRANK_VARIANTS``: lowrank's rows come three times, as ``lowrank`` (the measured
+  dispatch, ``auto``) and forced to its native kernels or its composite torch path, so
+  every table shows what the dispatch chose and what it chose between.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from lowrank import dispatch
+
 
 @dataclass
 class Result:
@@ -30,6 +35,35 @@ class Result:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Row name -> the dispatch override it runs under (None: auto, what users get).
+LOWRANK_VARIANTS = {"lowrank": None, "lowrank native": "native", "lowrank composite": "composite"}
+
+
+def under(kind: str | None, fn: Callable) -> Callable:
+    """``fn`` run with lowrank.dispatch forced to ``kind`` (None: the measured choice)."""
+    if kind is None:
+        return fn
+
+    def run(*args, **kwargs):
+        with dispatch.force(kind):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def dispatch_mark() -> int:
+    """A mark in lowrank.dispatch's report: :func:`auto_choices` lists what came after it."""
+    return len(dispatch.report())
+
+
+def auto_choices(mark: int) -> str:
+    """What the measured dispatch chose since ``mark``: ``op=choice`` per key."""
+    rows = dispatch.report()[mark:]
+    if not rows:
+        return "(keys measured earlier in the run)"
+    return " ".join(f"{row['op']}={row['choice']}" for row in rows)
 
 
 def time_ms(

@@ -26,6 +26,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+# Every run measures the dispatch choices afresh (none are read from or written to disk).
+os.environ["LOWRANK_CACHE_DIR"] = ""
 
 import harness  # noqa: E402
 
@@ -76,7 +78,11 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         sp = r["lowrank_speedup"]
         sp_text = "" if sp is None or r["impl"] == "lowrank" else f"{sp:.2f}"
-        extra = "  " + ", ".join(f"{k}={v:.4g}" for k, v in r["extra"].items() if v is not None)
+        extra = "  " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}: {v}"
+            for k, v in r["extra"].items()
+            if v is not None
+        )
         print(
             f"{r['suite']:10s} {r['case'][:44]:44s} {r['impl'][:22]:22s} "
             f"{r['ms']:10.4f} {sp_text:>10s}{extra if r['extra'] else ''}"
@@ -128,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         harness.mmap_large_allocations()
     torch.manual_seed(0)
     results = []
+    lowrank.dispatch.clear()
     for name in args.suite or list(SUITES):
         module = importlib.import_module(SUITES[name])
         print(f"running suite {name} on {device} ...", flush=True)
@@ -147,9 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "cpu_peak": args.cpu_peak,
         "results": results,
+        "dispatch": lowrank.dispatch.report(),
     }
     print()
     print_table(results)
+    print()
+    print("dispatch choices (lowrank.dispatch.report()):")
+    print(lowrank.dispatch.format_report())
     slug = f"{device.type}-{stamp:%Y-%m-%d}" + ("-cpu-peak" if args.cpu_peak else "")
     title = f"lowrank {lowrank.__version__} on {report['device']}, torch {torch.__version__}"
     folders = [args.out] + ([HERE / "results"] if args.save else [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, assert_close_lowp, relative_error
+from conftest import DEVICES, IMPLS, assert_close_lowp, relative_error
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -31,44 +31,52 @@ def make(batch, p, q, r, s, dtype, device):
     return x, a, b
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 @given(batch=batch_shape, p=factor, q=factor, r=factor, s=factor,
        dtype=st.sampled_from([torch.float32, torch.float64]))  # fmt: skip
-def test_forward_matches_definition(device, batch, p, q, r, s, dtype):
+def test_forward_matches_definition(impl, device, batch, p, q, r, s, dtype):
     x, a, b = make(batch, p, q, r, s, dtype, device)
-    y = kron_matmul(x, a, b)
+    with dispatch.force(impl):
+        y = kron_matmul(x, a, b)
     assert y.shape == (*batch, p * r) and y.dtype == dtype and y.device == x.device
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert relative_error(y, dense(x, a, b)) <= tol
 
 
 @pytest.mark.parametrize("shape", [(64, 32, 32, 32, 32), (300, 7, 40, 9, 3), (33, 2, 64, 64, 2)])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_forward_larger_shapes(device, shape):
+def test_forward_larger_shapes(impl, device, shape):
     tokens, p, q, r, s = shape
     x, a, b = make((tokens,), p, q, r, s, torch.float32, device)
-    assert relative_error(kron_matmul(x, a, b), dense(x, a, b)) <= 1e-5
+    with dispatch.force(impl):
+        assert relative_error(kron_matmul(x, a, b), dense(x, a, b)) <= 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_against_own_rounding(device, dtype):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_low_precision_against_own_rounding(device, dtype, impl):
     x, a, b = make((50,), 6, 8, 5, 7, dtype, device)
     ref64 = dense(x, a, b)
     ref_lowp = x @ torch.kron(a, b).T
-    assert_close_lowp(kron_matmul(x, a, b), ref64, ref_lowp)
+    with dispatch.force(impl):
+        assert_close_lowp(kron_matmul(x, a, b), ref64, ref_lowp)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 @given(batch=batch_shape, p=factor, q=factor, r=factor, s=factor,
        need=st.sampled_from([(True, True, True), (True, False, False), (False, True, True),
                              (False, True, False)]))  # fmt: skip
-def test_backward_matches_autograd_of_definition(device, batch, p, q, r, s, need):
+def test_backward_matches_autograd_of_definition(impl, device, batch, p, q, r, s, need):
     x, a, b = make(batch, p, q, r, s, torch.float64, device)
     for t, flag in zip((x, a, b), need):
         t.requires_grad_(flag)
     grad = torch.randn(*batch, p * r, dtype=torch.float64, device=device)
-    kron_matmul(x, a, b).backward(grad)
+    with dispatch.force(impl):
+        kron_matmul(x, a, b).backward(grad)
     x2, a2, b2 = (t.detach().clone().requires_grad_(f) for t, f in zip((x, a, b), need))
     dense(x2, a2, b2).backward(grad)
     for t, t2, flag in zip((x, a, b), (x2, a2, b2), need):
@@ -78,11 +86,13 @@ def test_backward_matches_autograd_of_definition(device, batch, p, q, r, s, need
             assert t.grad is None
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck(device):
+def test_gradcheck(impl, device):
     x, a, b = make((2, 3), 3, 2, 2, 4, torch.float64, device)
     inputs = tuple(t.requires_grad_() for t in (x, a, b))
-    assert torch.autograd.gradcheck(kron_matmul, inputs)
+    with dispatch.force(impl):
+        assert torch.autograd.gradcheck(kron_matmul, inputs)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,10 +7,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, relative_error
+from conftest import DEVICES, IMPLS, relative_error
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lowrank import dispatch
 from lowrank.linalg import kron_rearrange, nearest_kronecker
 from lowrank.nn import KronAdapter, KronLinear
 from lowrank.nn.kron_adapter import lokr_factorization
@@ -32,40 +33,58 @@ def materialised(adapter, x):
 # ---- fused add ops --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 @given(batch=st.lists(st.integers(0, 3), max_size=2), p=st.integers(1, 6), q=st.integers(1, 6),
        r=st.integers(1, 6), s=st.integers(1, 6), scale=st.floats(-3, 3))  # fmt: skip
-def test_kron_matmul_add_matches_reference(device, batch, p, q, r, s, scale):
+def test_kron_matmul_add_matches_reference(impl, device, batch, p, q, r, s, scale):
     x = torch.randn(*batch, q * s, dtype=torch.float64, device=device)
     a = torch.randn(p, q, dtype=torch.float64, device=device)
     b = torch.randn(r, s, dtype=torch.float64, device=device)
     base = torch.randn(*batch, p * r, dtype=torch.float64, device=device)
     ref = base + scale * (x @ torch.kron(a, b).T)
-    assert relative_error(kron_matmul_add(base, x, a, b, scale), ref) <= 1e-12
-    assert relative_error(kron_matmul_add_reference(base, x, a, b, scale), ref) <= 1e-12
     inplace = base.clone()
-    assert kron_matmul_add_(inplace, x, a, b, scale) is inplace
+    with dispatch.force(impl):
+        assert relative_error(kron_matmul_add(base, x, a, b, scale), ref) <= 1e-12
+        assert kron_matmul_add_(inplace, x, a, b, scale) is inplace
+    assert relative_error(kron_matmul_add_reference(base, x, a, b, scale), ref) <= 1e-12
     assert relative_error(inplace, ref) <= 1e-12
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kron_matmul_add_inplace_other_layouts(dtype):
+def test_kron_matmul_add_inplace_other_layouts(impl, dtype):
     x = torch.randn(6, 12, dtype=dtype)
     a, b = torch.randn(3, 3, dtype=dtype), torch.randn(2, 4, dtype=dtype)
     base = torch.randn(6, 6, dtype=dtype)
     ref = base.double() + 0.5 * (x.double() @ torch.kron(a, b).double().T)
     strided = torch.randn(6, 12, dtype=dtype)[:, ::2]  # not contiguous
     strided.copy_(base)
-    kron_matmul_add_(strided, x, a, b, 0.5)
+    with dispatch.force(impl):
+        kron_matmul_add_(strided, x, a, b, 0.5)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert relative_error(strided, ref) <= tol
 
 
-def test_kron_matmul_add_gradients():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kron_matmul_add_gradients(impl):
     x, base = torch.randn(4, 12, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
     a, b = torch.randn(3, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
     inputs = tuple(t.requires_grad_() for t in (base, x, a, b))
-    assert torch.autograd.gradcheck(lambda *t: kron_matmul_add(*t, -1.7), inputs)
+    with dispatch.force(impl):
+        assert torch.autograd.gradcheck(lambda *t: kron_matmul_add(*t, -1.7), inputs)
+
+
+def test_kron_matmul_add_inplace_refuses_overlapping_memory():
+    buf = torch.randn(5, 12)
+    a, b = torch.randn(3, 3), torch.randn(4, 4)  # 12 -> 12 columns
+    with pytest.raises(ValueError, match="base overlaps x"):
+        kron_matmul_add_(buf[1:], buf[:-1], a, b)
+    with pytest.raises(ValueError, match="base overlaps x"):
+        kron_matmul_add_(buf, buf, a, b)
+    weights = torch.randn(12)
+    with pytest.raises(ValueError, match="base overlaps a"):
+        kron_matmul_add_(weights.view(1, 12), torch.randn(1, 12), weights[3:].view(3, 3), b)
 
 
 def test_kron_matmul_add_opcheck_and_inplace_refuses_grad():

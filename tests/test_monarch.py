@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, assert_close_lowp, relative_error
+from conftest import DEVICES, IMPLS, assert_close_lowp, relative_error
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lowrank import dispatch
 from lowrank.linalg import monarch_project
 from lowrank.nn import MonarchLinear
 from lowrank.ops import monarch_matmul, monarch_matmul_reference
@@ -51,12 +52,14 @@ def make(batch, shape, dtype, device):
     )
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 @given(shape=shapes(), batch=st.lists(st.integers(0, 4), max_size=3),
        dtype=st.sampled_from([torch.float32, torch.float64]))  # fmt: skip
-def test_forward_matches_definition(device, shape, batch, dtype):
+def test_forward_matches_definition(impl, device, shape, batch, dtype):
     x, w1, w2 = make(batch, shape, dtype, device)
-    y = monarch_matmul(x, w1, w2)
+    with dispatch.force(impl):
+        y = monarch_matmul(x, w1, w2)
     l, s = shape[3], shape[4]
     assert y.shape == (*batch, l * s)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -64,16 +67,18 @@ def test_forward_matches_definition(device, shape, batch, dtype):
     assert_rounding_close(monarch_matmul_reference(x, w1, w2), x, w1, w2, tol)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 @given(shape=shapes(), batch=st.lists(st.integers(0, 3), max_size=2),
        need=st.sampled_from([(True, True, True), (True, False, False), (False, True, False),
                              (False, False, True)]))  # fmt: skip
-def test_backward_matches_autograd_of_definition(device, shape, batch, need):
+def test_backward_matches_autograd_of_definition(impl, device, shape, batch, need):
     x, w1, w2 = make(batch, shape, torch.float64, device)
     for t, f in zip((x, w1, w2), need):
         t.requires_grad_(f)
     grad = torch.randn(*batch, shape[3] * shape[4], dtype=torch.float64, device=device)
-    monarch_matmul(x, w1, w2).backward(grad)
+    with dispatch.force(impl):
+        monarch_matmul(x, w1, w2).backward(grad)
     x2, a2, b2 = (t.detach().clone().requires_grad_(f) for t, f in zip((x, w1, w2), need))
     dense_spec(x2, a2, b2).reshape(grad.shape).backward(grad)
     for t, t2, f in zip((x, w1, w2), (x2, a2, b2), need):
@@ -82,14 +87,17 @@ def test_backward_matches_autograd_of_definition(device, shape, batch, need):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision(device, dtype):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_low_precision(device, dtype, impl):
     x, w1, w2 = make((40,), (4, 6, 5, 8, 3, 3), dtype, device)
     ref64 = dense_spec(x, w1, w2)
-    assert_close_lowp(monarch_matmul(x, w1, w2), ref64, monarch_matmul_reference(x, w1, w2))
+    with dispatch.force(impl):
+        y = monarch_matmul(x, w1, w2)
+    assert_close_lowp(y, ref64, monarch_matmul_reference(x, w1, w2))
 
 
-def test_reference_dispatch_rule_keeps_results():
-    """Small batches with large blocks take the reference path; results do not change."""
+def test_cpu_cost_model_is_the_static_choice():
+    """Without a measurement, small batches with large blocks take the composite path."""
     from lowrank.ops.monarch import reference_is_faster
 
     x, w1, w2 = make((8,), (2, 64, 64, 2, 64, 64), torch.float64, "cpu")
@@ -100,16 +108,20 @@ def test_reference_dispatch_rule_keeps_results():
     assert_rounding_close(monarch_matmul(x_big, w1, w2), x_big, w1, w2, 1e-12)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_larger_square_case(device):
+def test_larger_square_case(impl, device):
     x, w1, w2 = make((300,), (16, 16, 16, 16, 16, 16), torch.float32, device)
-    assert relative_error(monarch_matmul(x, w1, w2), dense_spec(x, w1, w2)) <= 1e-5
+    with dispatch.force(impl):
+        assert relative_error(monarch_matmul(x, w1, w2), dense_spec(x, w1, w2)) <= 1e-5
 
 
-def test_gradcheck_and_opcheck():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_and_opcheck(impl):
     x, w1, w2 = make((3,), (2, 3, 2, 3, 2, 2), torch.float64, "cpu")
     inputs = tuple(t.requires_grad_() for t in (x, w1, w2))
-    assert torch.autograd.gradcheck(monarch_matmul, inputs)
+    with dispatch.force(impl):
+        assert torch.autograd.gradcheck(monarch_matmul, inputs)
     x, w1, w2 = make((2, 5), (3, 4, 2, 2, 3, 6), torch.float32, "cpu")
     torch.library.opcheck(torch.ops.lowrank.monarch_matmul.default, (x, w1, w2))
     w1.requires_grad_()

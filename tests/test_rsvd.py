@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, relative_error
+from conftest import DEVICES, IMPLS, relative_error
 
+from lowrank import dispatch
 from lowrank.linalg import nystrom_eigh, pca, rsvd, svd_error
 from lowrank.ops.sketch import (
     NORMAL,
@@ -82,24 +83,28 @@ def test_philox_streams_are_distinct_and_normal():
     assert set(signs.unique().tolist()) == {-1.0, 1.0} and abs(float(signs.mean())) < 0.05
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [1, 5, 16, 37])
-def test_srht_rows_matches_reference(device, n):
+def test_srht_rows_matches_reference(impl, device, n):
     a = torch.randn(7, n, dtype=torch.float64, device=device)
     n2 = 1 << (n - 1).bit_length()
     signs = random_matrix((n,), SIGN, 2, 1, torch.float64, device)
     cols = torch.randperm(n2, device=device)[: min(n2, 5)]
-    out = srht_rows(a, signs, cols, n2, 0.5)
+    with dispatch.force(impl):
+        out = srht_rows(a, signs, cols, n2, 0.5)
     assert relative_error(out, srht_rows_reference(a, signs, cols, n2, 0.5)) <= 1e-12
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_sparse_sign_rows_matches_reference(device):
+def test_sparse_sign_rows_matches_reference(impl, device):
     n, l, z = 23, 9, 3
     a = torch.randn(6, n, dtype=torch.float64, device=device)
     cols = torch.stack([torch.randperm(l)[:z] for _ in range(n)]).to(torch.int32).to(device)
     signs = random_matrix((n, z), SIGN, 4, 4, torch.float64, device)
-    out = sparse_sign_rows(a, cols, signs, l)
+    with dispatch.force(impl):
+        out = sparse_sign_rows(a, cols, signs, l)
     assert relative_error(out, sparse_sign_rows_reference(a, cols, signs, l)) <= 1e-12
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, relative_error
+from conftest import DEVICES, IMPLS, relative_error
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lowrank import dispatch
 from lowrank.nn import SLTrainLinear
 from lowrank.ops import sltrain_matmul, sltrain_matmul_reference
 from lowrank.ops.sltrain import choose_path, sampled_dot, sltrain_rebuild, sparse_matmul
@@ -39,17 +40,19 @@ def shapes(draw):
     return out, inp, rank, nnz
 
 
+@pytest.mark.parametrize("impl", [*IMPLS, "auto"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", ["rebuild", "factored", "auto"])
 @given(shape=shapes(), batch=st.lists(st.integers(0, 3), max_size=2), use_bias=st.booleans(),
        index=st.sampled_from([torch.int32, torch.int64]))  # fmt: skip
-def test_forward_and_backward_match_definition(device, path, shape, batch, use_bias, index):
+def test_forward_and_backward_match_definition(impl, device, path, shape, batch, use_bias, index):
     out, inp, rank, nnz = shape
     x, b, a, values, idx, bias = problem(out, inp, rank, nnz, batch, device=device, index=index)
     bias = bias if use_bias else None
     leaves = [t.requires_grad_() for t in (x, b, a, values)] + ([bias.requires_grad_()] if use_bias
                                                                  else [])  # fmt: skip
-    y = sltrain_matmul(x, b, a, values, idx, 0.75, bias, path=path)
+    with dispatch.force(impl):
+        y = sltrain_matmul(x, b, a, values, idx, 0.75, bias, path=path)
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     rx, rb, ra, rv = ref_leaves[:4]
     rbias = ref_leaves[4] if use_bias else None
@@ -57,7 +60,8 @@ def test_forward_and_backward_match_definition(device, path, shape, batch, use_b
     assert y.shape == (*batch, out)
     assert relative_error(y, ref) <= 1e-12 or y.numel() == 0
     grad = torch.randn_like(y)
-    y.backward(grad)
+    with dispatch.force(impl):
+        y.backward(grad)
     ref.backward(grad)
     for got, want in zip(leaves, ref_leaves):
         assert relative_error(got.grad, want.grad) <= 1e-11 or want.grad.norm() == 0
@@ -72,16 +76,26 @@ def test_paths_agree_and_cost_model():
     assert choose_path(4096, 1024, 1024, 256, 31457) == "rebuild"
 
 
-def test_primitives():
-    x, b, a, values, idx, _ = problem(9, 7, 2, 15, (5,))
-    s = torch.zeros(63, dtype=torch.float64)
-    s[idx.long()] = values
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_primitives(impl, device, dtype):
+    x, b, a, values, idx, _ = problem(9, 7, 2, 15, (5,), dtype=dtype, device=device)
+    s = torch.zeros(63, dtype=torch.float64, device=device)
+    s[idx.long()] = values.double()
     s = s.view(9, 7)
-    assert relative_error(sltrain_rebuild(b, a, values, idx, 0.5), 0.5 * b @ a + s) <= 1e-13
-    assert relative_error(sparse_matmul(x, values, idx, 9, 7), x @ s.T) <= 1e-13
-    dy = torch.randn(5, 9, dtype=torch.float64)
-    assert relative_error(sparse_matmul(dy, values, idx, 9, 7, True), dy @ s) <= 1e-13
-    assert relative_error(sampled_dot(dy, x, idx), (dy.T @ x).view(-1)[idx.long()]) <= 1e-13
+    dy = torch.randn(5, 9, dtype=dtype, device=device)
+    tol = {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    with dispatch.force(impl):
+        w = sltrain_rebuild(b, a, values, idx, 0.5)
+        y, yt = sparse_matmul(x, values, idx, 9, 7), sparse_matmul(dy, values, idx, 9, 7, True)
+        g = sampled_dot(dy, x, idx)
+    assert w.dtype == y.dtype == yt.dtype == g.dtype == dtype
+    assert relative_error(w, 0.5 * b.double() @ a.double() + s) <= tol
+    assert relative_error(y, x.double() @ s.T) <= tol
+    assert relative_error(yt, dy.double() @ s) <= tol
+    assert relative_error(g, (dy.double().T @ x.double()).view(-1)[idx.long()]) <= tol
+    x, b, a, values = (t.double() for t in (x, b, a, values))
     ref = sltrain_matmul_reference(x, b, a, values, idx, 0.5)
     assert relative_error(ref, dense_definition(x, b, a, values, idx, 0.5, None)) <= 1e-13
 
@@ -93,10 +107,12 @@ def test_opcheck_and_gradcheck():
                                bias.float(), 2))  # fmt: skip
     leaves = tuple(t.requires_grad_() for t in (x, b, a, values, bias))
     for path in ("rebuild", "factored"):
-        assert torch.autograd.gradcheck(
-            lambda x, b, a, v, bias, path=path: sltrain_matmul(x, b, a, v, idx, 0.5, bias, path),
-            leaves,
-        )
+        for impl in IMPLS:
+            with dispatch.force(impl):
+                assert torch.autograd.gradcheck(
+                    lambda x, b, a, v, bias, p=path: sltrain_matmul(x, b, a, v, idx, 0.5, bias, p),
+                    leaves,
+                )
 
 
 @pytest.mark.parametrize(

@@ -248,6 +248,9 @@ def _rebuild_composite(B, A, values, indices, scale):
 # ---- sparse products: native kernels and torch's CSR ------------------------------------------
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def _csr_structure(indices, rows, cols):
     """``(crow, col, order)`` of S in CSR and of S^T in CSR (``order`` permutes the values
     into S^T's order); computed once per support and kept on the index tensor."""
@@ -278,7 +281,11 @@ def _csr(values, indices, rows, cols, transpose):
 
 
 def _sparse_composite(x, values, indices, rows, cols, transpose):
-    """``x S^T`` (or ``x S``) as a CSR product on torch's sparse library."""
+    """``x S^T`` (or ``x S``) as a CSR product on torch's sparse library (float16/bfloat16
+    in float32, which the sparse libraries do not all take)."""
+    if x.dtype in _LOW_PRECISION:
+        y = _sparse_composite(x.float(), values.float(), indices, rows, cols, transpose)
+        return y.to(x.dtype)
     if x.shape[0] == 0 or values.numel() == 0:
         return x.new_zeros((x.shape[0], cols if transpose else rows))
     s = _csr(values, indices, rows, cols, transpose)  # S, or S^T when transposed
@@ -317,6 +324,8 @@ def _sampled_native(dy, x, indices):
 
 def _sampled_composite(dy, x, indices):
     """``(dy^T x)`` at the support, by torch's sampled dense-dense product into CSR."""
+    if x.dtype in _LOW_PRECISION:
+        return _sampled_composite(dy.float(), x.float(), indices).to(x.dtype)
     out, inp = dy.shape[1], x.shape[1]
     if indices.numel() == 0 or x.shape[0] == 0:
         return x.new_zeros(indices.shape)

@@ -1,0 +1,283 @@
+"""lowrank.dispatch: measured choice, overrides, the disk cache and when timing is off."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from lowrank import dispatch
+from lowrank.ops import kron_matmul
+
+
+@pytest.fixture
+def clean(tmp_path, monkeypatch):
+    """A fresh table and a private cache folder; the test's timer decides who is faster."""
+    monkeypatch.setenv("LOWRANK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dispatch, "_ENV_MODE", "auto")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    dispatch.clear()
+    yield tmp_path
+    dispatch.clear()
+
+
+class FakeTimer:
+    """Stands in for the clock: each implementation 'takes' the milliseconds given."""
+
+    def __init__(self, ms):
+        self.ms, self.calls = ms, []
+
+    def __call__(self, impl, sample, args):
+        self.calls.append(impl.name)
+        return self.ms[impl.name], impl.run(*args)
+
+
+def toy(calls=None, nondeterministic=frozenset(), static="slow"):
+    def make(name):
+        def run(x):
+            if calls is not None:
+                calls.append(name)
+            return x + (1.0 if name == "fast" else 2.0)
+
+        return run
+
+    impls = (
+        dispatch.Impl("slow", dispatch.NATIVE, make("slow")),
+        dispatch.Impl("fast", dispatch.COMPOSITE, make("fast"), None, nondeterministic),
+    )
+    return dispatch.Dispatcher("toy", impls, lambda x, *args: static)
+
+
+def test_picks_the_faster_and_returns_its_result(clean, monkeypatch):
+    timer = FakeTimer({"slow": 10.0, "fast": 3.0})
+    monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
+    op, x = toy(), torch.zeros(3)
+    y = op(("k",), x, x)
+    assert torch.equal(y, x + 1.0)  # the winner's output, not a second run
+    # 13 ms spent: over budget after one round; the static choice ("slow") ran last.
+    assert timer.calls == ["fast", "slow"]
+    (row,) = dispatch.report()
+    assert row["op"] == "toy" and row["choice"] == "fast" and row["source"] == "measured"
+    assert row["ms"] == {"slow": 10.0, "fast": 3.0}
+    calls = []
+    monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"slow": 0.0, "fast": 9.0}))
+    toy(calls)(("k",), x, x)
+    assert calls == ["fast"]  # remembered: no second measurement
+
+
+def test_cheap_candidates_are_repeated_within_the_budget(clean, monkeypatch):
+    timer = FakeTimer({"slow": 0.5, "fast": 0.4})
+    monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
+    x = torch.zeros(1)
+    toy()(("k",), x, x)
+    assert len(timer.calls) == 2 * dispatch.MAX_REPETITIONS
+
+
+def test_keys_are_separate(clean, monkeypatch):
+    monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"slow": 1.0, "fast": 2.0}))
+    x = torch.zeros(1)
+    toy()(("a",), x, x)
+    monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"slow": 2.0, "fast": 1.0}))
+    toy()(("b",), x, x)
+    choices = {row["key"][0]: row["choice"] for row in dispatch.report()}
+    assert choices == {"a": "slow", "b": "fast"}
+
+
+@pytest.mark.parametrize("how", ["env", "context"])
+def test_overrides(clean, monkeypatch, how):
+    timer = FakeTimer({"slow": 5.0, "fast": 1.0})
+    monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
+    x = torch.zeros(1)
+    if how == "env":  # as read at import (the subprocess test below sets the variable itself)
+        monkeypatch.setattr(dispatch, "_ENV_MODE", "native")
+        y = toy()(("k",), x, x)
+    else:
+        with dispatch.force("native"):
+            y = toy()(("k",), x, x)
+        assert dispatch.mode() == "auto"
+    assert torch.equal(y, x + 2.0) and timer.calls == []  # one candidate: nothing to time
+    with dispatch.force("composite"):
+        assert torch.equal(toy()(("k",), x, x), x + 1.0)
+
+
+def test_bad_overrides_raise(clean, monkeypatch):
+    with pytest.raises(ValueError, match="kind must be one of"), dispatch.force("fastest"):
+        pass
+    monkeypatch.setattr(dispatch, "_ENV_MODE", "gpu")
+    x = torch.zeros(1)
+    with pytest.raises(ValueError, match="LOWRANK_DISPATCH must be one of"):
+        toy()(("k",), x, x)
+
+
+@pytest.mark.parametrize("value, expected", [("native", "native"), ("composite", "composite"),
+                                             ("", "auto")])  # fmt: skip
+def test_environment_variable(value, expected):
+    code = (
+        "import torch, lowrank\n"
+        "from lowrank.ops import kron_matmul\n"
+        "kron_matmul(torch.randn(64, 16), torch.randn(4, 4), torch.randn(4, 4))\n"
+        "print(lowrank.dispatch.mode(), [r['choice'] for r in lowrank.dispatch.report()])\n"
+    )
+    env = {**os.environ, "LOWRANK_DISPATCH": value, "LOWRANK_CACHE_DIR": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()  # fmt: skip
+    assert out[0] == expected
+    if expected != "auto":  # one candidate left: nothing measured, nothing in the table
+        assert out[1:] == ["[]"]
+
+
+def test_cache_is_written_and_read_back(clean, monkeypatch):
+    monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"slow": 3.0, "fast": 1.0}))
+    x = torch.zeros(1)
+    toy()(("k",), x, x)
+    (path,) = clean.glob("dispatch-*.json")
+    data = json.loads(path.read_text())
+    assert data["torch"] == torch.__version__ and data["device"] == dispatch.device_name(x.device)
+    (entry,) = data["choices"].values()
+    assert entry["choice"] == "fast"
+    dispatch.clear()  # a new process: memory empty, the file stays
+
+    def no_timing(*args):
+        raise AssertionError("a cached key must not be measured again")
+
+    monkeypatch.setattr(dispatch, "_elapsed_ms", no_timing)
+    assert torch.equal(toy()(("k",), x, x), x + 1.0)
+    assert dispatch.report()[0]["source"] == "cache"
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"choices": 3}', '{"choices": {"k": 1}}'])
+def test_corrupt_cache_is_ignored_with_one_warning(clean, monkeypatch, content):
+    monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"slow": 3.0, "fast": 1.0}))
+    x = torch.zeros(1)
+    toy()(("k",), x, x)
+    (path,) = clean.glob("dispatch-*.json")
+    path.write_text(content)
+    dispatch.clear()
+    with pytest.warns(RuntimeWarning, match="ignoring the unreadable cache"):
+        assert torch.equal(toy()(("k",), x, x), x + 1.0)
+    assert json.loads(path.read_text())["choices"]  # rewritten with the new measurement
+
+
+def test_unwritable_cache_warns_once_and_keeps_working(clean, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("LOWRANK_CACHE_DIR", str(blocker / "sub"))
+    monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"slow": 3.0, "fast": 1.0}))
+    x = torch.zeros(1)
+    with pytest.warns(RuntimeWarning, match="cannot write the cache"):
+        toy()(("k",), x, x)
+    toy()(("other",), x, x)  # no second warning (pytest would not fail, so count below)
+    assert sum("cannot write" in message for message in dispatch._warned) == 1
+
+
+def test_empty_cache_dir_keeps_choices_in_memory(clean, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CACHE_DIR", "")
+    monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"slow": 3.0, "fast": 1.0}))
+    x = torch.zeros(1)
+    toy()(("k",), x, x)
+    assert list(clean.iterdir()) == []
+
+
+def test_deterministic_mode_never_times_and_skips_nondeterministic(clean, monkeypatch):
+    def no_timing(*args):
+        raise AssertionError("timed under deterministic algorithms")
+
+    monkeypatch.setattr(dispatch, "_elapsed_ms", no_timing)
+    x = torch.zeros(1)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(toy(static="fast")(("k",), x, x), x + 1.0)  # the static choice
+        assert dispatch.report()[0]["source"] == "static"
+        # A candidate that is not deterministic here is never chosen ...
+        op = toy(nondeterministic=frozenset({"cpu"}), static="fast")
+        assert torch.equal(op(("k2",), x, x), x + 2.0)
+        # ... and when it is the only one allowed, the op raises as torch does.
+        with dispatch.force("composite"), pytest.raises(RuntimeError, match="not deterministic"):
+            op(("k3",), x, x)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_no_timing_while_compiling(clean, monkeypatch):
+    seen = []
+
+    def timer(impl, sample, args):
+        seen.append(torch.compiler.is_compiling())
+        return dispatch._elapsed_ms.__wrapped__(impl, sample, args)
+
+    timer.__wrapped__ = dispatch._elapsed_ms
+    monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
+    x, a, b = torch.randn(5, 12), torch.randn(3, 3), torch.randn(2, 4)
+    compiled = torch.compile(lambda x: kron_matmul(x, a, b) * 2, fullgraph=True, backend="eager")
+    y = compiled(x)
+    assert torch.allclose(y, 2 * kron_matmul(x, a, b))
+    assert seen and not any(seen)  # measured when the graph ran, never while tracing
+
+
+def test_no_timing_during_cuda_graph_capture(monkeypatch):
+    class CudaLike:
+        is_cuda, is_cpu = True, False
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not dispatch.may_time(CudaLike())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert dispatch.may_time(CudaLike())
+    assert not dispatch.may_time(torch.empty(1, device="meta"))
+
+
+def test_concurrent_first_calls_measure_once(clean, monkeypatch):
+    timer = FakeTimer({"slow": 11.0, "fast": 2.0})  # over the budget: one round
+    monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
+    x = torch.zeros(1)
+    op, results, errors = toy(), [], []
+
+    def work():
+        try:
+            results.append(op(("k",), x, x))
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 8
+    assert timer.calls.count("fast") == 1  # one measurement; the others used a choice
+    assert all(torch.equal(r, x + 1.0) or torch.equal(r, x + 2.0) for r in results)
+
+
+def test_unavailable_native_is_skipped_with_one_warning(clean, monkeypatch):
+    op = dispatch.Dispatcher("toy", (
+        dispatch.Impl("native", dispatch.NATIVE, lambda x: x, lambda x: "not built here"),
+        dispatch.Impl("composite", dispatch.COMPOSITE, lambda x: x + 1),
+    ), dispatch.default_kind)  # fmt: skip
+    x = torch.zeros(1)
+    with pytest.warns(RuntimeWarning, match="not built here; the native implementation"):
+        assert torch.equal(op(("k",), x, x), x + 1)
+    with dispatch.force("native"), pytest.raises(RuntimeError, match="no native implementation"):
+        op(("k",), x, x)
+
+
+def test_real_ops_choose_and_report(clean):
+    x, a, b = torch.randn(64, 16), torch.randn(4, 4), torch.randn(4, 4)
+    y = kron_matmul(x, a, b)
+    rows = [row for row in dispatch.report() if row["op"] == "kron_matmul"]
+    assert len(rows) == 1 and rows[0]["choice"] in ("native", "composite")
+    assert set(rows[0]["ms"]) == {"native", "composite"}
+    assert rows[0]["key"][1] == 64  # the token bucket
+    assert torch.allclose(y, x @ torch.kron(a, b).T, atol=1e-5)
+    assert "kron_matmul" in dispatch.format_report()
+
+
+def test_bucket():
+    assert [dispatch.bucket(n) for n in (0, 1, 2, 3, 4, 5, 4096, 4097)] == [
+        0, 1, 2, 4, 4, 8, 4096, 8192,
+    ]  # fmt: skip
