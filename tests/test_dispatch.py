@@ -54,16 +54,28 @@ def toy(calls=None, nondeterministic=frozenset(), static="slow"):
 
 
 def test_picks_the_faster_and_returns_its_result(clean, monkeypatch):
-    timer = FakeTimer({"slow": 10.0, "fast": 3.0})
+    timer = FakeTimer({"slow": 13.0, "fast": 3.0})
     monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
     op, x = toy(), torch.zeros(3)
     y = op(("k",), x, x)
     assert torch.equal(y, x + 1.0)  # the winner's output, not a second run
-    # 13 ms spent: over budget after one round; the static choice ("slow") ran last.
+    # 16 ms spent: over budget after one round; the static choice ("slow") ran last.
     assert timer.calls == ["fast", "slow"]
     (row,) = dispatch.report()
     assert row["op"] == "toy" and row["choice"] == "fast" and row["source"] == "measured"
-    assert row["ms"] == {"slow": 10.0, "fast": 3.0}
+    assert row["ms"] == {"slow": 13.0, "fast": 3.0}
+
+
+def test_affordable_keys_get_a_second_round(clean, monkeypatch):
+    times = iter([9.0, 1.0, 0.5, 1.2])  # fast, slow cold; then fast, slow warm
+
+    def timer(impl, sample, args):
+        return next(times), impl.run(*args)
+
+    monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
+    x = torch.zeros(1)
+    assert torch.equal(toy()(("k",), x, x), x + 1.0)  # warm "fast" (0.5) beats "slow" (1.0)
+    assert dispatch.report()[0]["ms"] == {"fast": 0.5, "slow": 1.0}  # a third would not fit
     calls = []
     monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"slow": 0.0, "fast": 9.0}))
     toy(calls)(("k",), x, x)
@@ -233,7 +245,7 @@ def test_no_timing_during_cuda_graph_capture(monkeypatch):
 
 
 def test_concurrent_first_calls_measure_once(clean, monkeypatch):
-    timer = FakeTimer({"slow": 11.0, "fast": 2.0})  # over the budget: one round
+    timer = FakeTimer({"slow": 14.0, "fast": 2.0})  # over the budget: one round
     monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
     x = torch.zeros(1)
     op, results, errors = toy(), [], []

@@ -241,8 +241,8 @@ _FORWARD_IMPLS = (
     dispatch.Impl("native", dispatch.NATIVE, _forward_native, _forward_unavailable),
     dispatch.Impl("composite", dispatch.COMPOSITE, _forward_composite),
 )
-_forward_dispatch = dispatch.Dispatcher("kron_matmul", _FORWARD_IMPLS, _static_forward)
-_add_dispatch = dispatch.Dispatcher("kron_matmul_add", _FORWARD_IMPLS, _static_forward)
+_forward_dispatch = dispatch.Dispatcher("kron_matmul", _FORWARD_IMPLS, _static_forward, (0, 3))
+_add_dispatch = dispatch.Dispatcher("kron_matmul_add", _FORWARD_IMPLS, _static_forward, (0, 3))
 
 
 def _key(x, p, q, r, s):
@@ -343,7 +343,8 @@ _BACKWARD_IMPLS = (
                   nondeterministic_on=frozenset({"cuda"})),
     dispatch.Impl("composite", dispatch.COMPOSITE, _backward_composite),
 )  # fmt: skip
-_backward_dispatch = dispatch.Dispatcher("kron_matmul_backward", _BACKWARD_IMPLS, _static_forward)
+_backward_dispatch = dispatch.Dispatcher("kron_matmul_backward", _BACKWARD_IMPLS, _static_forward,
+                                         (0, 1))  # fmt: skip
 
 
 def _backward_kernel(grad, x, a, b, need_x, need_factors):

@@ -245,11 +245,11 @@ def _native_backward(grad, x, w1, w2, need_x, need_w1, need_w2):
 _forward_dispatch = dispatch.Dispatcher("monarch_matmul", (
     dispatch.Impl("native", dispatch.NATIVE, _native_forward, _forward_unavailable),
     dispatch.Impl("composite", dispatch.COMPOSITE, _composite_forward),
-), _static)  # fmt: skip
+), _static, (0,))  # fmt: skip
 _backward_dispatch = dispatch.Dispatcher("monarch_matmul_backward", (
     dispatch.Impl("native", dispatch.NATIVE, _native_backward, _backward_unavailable),
     dispatch.Impl("composite", dispatch.COMPOSITE, _composite_backward),
-), lambda grad, x, w1, *args: _static(x, w1))  # fmt: skip
+), lambda grad, x, w1, *args: _static(x, w1), (0, 1))  # fmt: skip
 
 
 def _forward_kernel(x, w1, w2):

@@ -249,13 +249,13 @@ _srht_dispatch = dispatch.Dispatcher("srht_rows", (
     dispatch.Impl("native", dispatch.NATIVE, _srht_native,
                   lambda a, signs, cols, n2, scale: _native.unavailable(a, lambda: n2 * 4)),
     dispatch.Impl("composite", dispatch.COMPOSITE, _srht_composite),
-), dispatch.default_kind)  # fmt: skip
+), dispatch.default_kind, (0,))  # fmt: skip
 _sparse_sign_dispatch = dispatch.Dispatcher("sparse_sign_rows", (
     dispatch.Impl("native", dispatch.NATIVE, _sparse_sign_native,
                   lambda a, cols, signs, l: _native.unavailable(a, lambda: l * 4),
                   frozenset({"cuda"})),
     dispatch.Impl("composite", dispatch.COMPOSITE, sparse_sign_rows_reference),
-), dispatch.default_kind)  # fmt: skip
+), dispatch.default_kind, (0,))  # fmt: skip
 
 
 def _srht_kernel(a, signs, cols, n2, scale):

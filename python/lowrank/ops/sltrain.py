@@ -395,7 +395,7 @@ _forward_dispatch = dispatch.Dispatcher("sltrain_matmul", (
     dispatch.Impl("factored-native", dispatch.NATIVE, _forward_factored(_sparse_native),
                   _native_unavailable, _CUDA_ATOMICS),
     dispatch.Impl("factored-composite", dispatch.COMPOSITE, _forward_factored(_sparse_composite)),
-), _static_forward)  # fmt: skip
+), _static_forward, (0,))  # fmt: skip
 _backward_dispatch = dispatch.Dispatcher("sltrain_matmul_backward", (
     dispatch.Impl("rebuild-native", dispatch.NATIVE, _backward_rebuild(_rebuild_native),
                   _native_unavailable),
@@ -405,7 +405,7 @@ _backward_dispatch = dispatch.Dispatcher("sltrain_matmul_backward", (
                   _CUDA_ATOMICS),
     dispatch.Impl("factored-composite", dispatch.COMPOSITE,
                   _backward_factored(_sparse_composite, _sampled_composite)),
-), _static_backward)  # fmt: skip
+), _static_backward, (0, 1))  # fmt: skip
 _PATH_NAMES = {
     PATHS["rebuild"]: ("rebuild-native", "rebuild-composite"),
     PATHS["factored"]: ("factored-native", "factored-composite"),
@@ -417,12 +417,12 @@ _rebuild_dispatch = dispatch.Dispatcher("sltrain_rebuild", (
 _sparse_dispatch = dispatch.Dispatcher("sparse_matmul", (
     dispatch.Impl("native", dispatch.NATIVE, _sparse_native, _native_unavailable, _CUDA_ATOMICS),
     dispatch.Impl("composite", dispatch.COMPOSITE, _sparse_composite),
-), dispatch.default_kind)  # fmt: skip
+), dispatch.default_kind, (0,))  # fmt: skip
 _sampled_dispatch = dispatch.Dispatcher("sampled_dot", (
     dispatch.Impl("native", dispatch.NATIVE, _sampled_native,
                   lambda dy, x, indices: _native.unavailable(x)),
     dispatch.Impl("composite", dispatch.COMPOSITE, _sampled_composite),
-), dispatch.default_kind)  # fmt: skip
+), dispatch.default_kind, (0, 1))  # fmt: skip
 
 
 def _key(x, tokens, out, inp, rank, nnz):
