@@ -16,7 +16,7 @@ from harness import (
     auto_choices,
     dispatch_mark,
     measure_bandwidth_gbs,
-    time_ms,
+    time_ms_many,
     under,
 )
 
@@ -64,6 +64,7 @@ def run(device: torch.device, quick: bool) -> list[Result]:
             sets.append((x, a, b, grad))
         elem = sets[0][0].element_size()
         floor_ms = (tokens * (q * s + p * r) * elem) / (bandwidth * 1e9) * 1e3
+        forwards, boths = {}, {}
         for impl, fn in IMPLS.items():
 
             def forward(i, fn=fn, sets=sets):
@@ -76,12 +77,15 @@ def run(device: torch.device, quick: bool) -> list[Result]:
                 x.grad = a.grad = b.grad = None
                 fn(x, a, b).backward(grad)
 
-            mark = dispatch_mark()
             kind = LOWRANK_VARIANTS.get(impl)  # forced for forward and backward alike
-            fwd = time_ms(under(kind, forward), device, rotate=rotate)
-            both = time_ms(under(kind, forward_backward), device, rotate=rotate)
-            chose = {"auto_chose": auto_choices(mark)} if impl == "lowrank" else {}
-            results.append(Result("kron", case + " fwd", impl, fwd,
-                                  {"memory_floor_ms": floor_ms, **chose}))  # fmt: skip
-            results.append(Result("kron", case + " fwd+bwd", impl, both, chose))
+            forwards[impl], boths[impl] = under(kind, forward), under(kind, forward_backward)
+        mark = dispatch_mark()
+        fwd = time_ms_many(forwards, device, rotate=rotate)
+        both = time_ms_many(boths, device, rotate=rotate)
+        chose = auto_choices(mark)
+        for impl in IMPLS:
+            extra = {"auto_chose": chose} if impl == "lowrank" else {}
+            results.append(Result("kron", case + " fwd", impl, fwd[impl],
+                                  {"memory_floor_ms": floor_ms, **extra}))  # fmt: skip
+            results.append(Result("kron", case + " fwd+bwd", impl, both[impl], extra))
     return results

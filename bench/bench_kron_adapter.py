@@ -17,7 +17,7 @@ from harness import (
     auto_choices,
     dispatch_mark,
     peak_bytes,
-    time_ms,
+    time_ms_many,
     under,
 )
 
@@ -83,15 +83,18 @@ def measure(device, n, factor, rank, tokens, dtype) -> list[Result]:
     if lokr is not None:
         rows.append(("layer fwd+bwd", "peft LoKr", lambda i: lokr(x).backward(grad)))
     results = []
-    for what, impl, fn in rows:
-        fn = under(LOWRANK_VARIANTS.get(impl), fn)  # forward and backward
+    for what in dict.fromkeys(w for w, _, _ in rows):
+        fns = {impl: under(LOWRANK_VARIANTS.get(impl), fn)  # forward and backward
+               for w, impl, fn in rows if w == what}  # fmt: skip
         mark = dispatch_mark()
-        ms = time_ms(fn, device, min_run_time=0.3)
-        peak = peak_bytes(lambda fn=fn: fn(0), device)
-        extra = {"peak_MiB": None if peak is None else peak / 2**20}
-        if impl == "lowrank":
-            extra["auto_chose"] = auto_choices(mark)
-        results.append(Result("kron_adapter", f"{label} {what}", impl, ms, extra))
+        ms = time_ms_many(fns, device, min_run_time=0.3)
+        chose = auto_choices(mark)
+        for impl, fn in fns.items():
+            peak = peak_bytes(lambda fn=fn: fn(0), device)
+            extra = {"peak_MiB": None if peak is None else peak / 2**20}
+            if impl == "lowrank":
+                extra["auto_chose"] = chose
+            results.append(Result("kron_adapter", f"{label} {what}", impl, ms[impl], extra))
     return results
 
 

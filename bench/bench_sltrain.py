@@ -17,7 +17,7 @@ from harness import (
     auto_choices,
     dispatch_mark,
     peak_bytes,
-    time_ms,
+    time_ms_many,
     under,
 )
 
@@ -69,23 +69,26 @@ def measure(device, n, tokens, dtype):
         "dense nn.Linear": (lambda: dense(x), sum(p.numel() for p in dense.parameters())
                             * x.element_size()),
     }  # fmt: skip
-    results = []
-    for impl, (fn, bytes_) in impls.items():
+    steps = {}
+    for impl, (fn, _) in impls.items():
 
         def step(i, fn=fn):
             for p in (x, *layer.parameters(), *dense.parameters()):
                 p.grad = None
             fn().backward(grad)
 
-        step = under(LOWRANK_VARIANTS.get(impl), step)  # forward and backward
-        mark = dispatch_mark()
-        ms = time_ms(step, device)
-        peak = peak_bytes(lambda step=step: step(0), device)
+        steps[impl] = under(LOWRANK_VARIANTS.get(impl), step)  # forward and backward
+    mark = dispatch_mark()
+    ms = time_ms_many(steps, device)
+    chose = auto_choices(mark)
+    results = []
+    for impl, (_, bytes_) in impls.items():
+        peak = peak_bytes(lambda step=steps[impl]: step(0), device)
         extra = {"param_index_MiB": bytes_ / 2**20,
                  "peak_MiB": None if peak is None else peak / 2**20}  # fmt: skip
         if impl == "lowrank":
-            extra["auto_chose"] = auto_choices(mark)
-        results.append(Result("sltrain", f"{label} fwd+bwd", impl, ms, extra))
+            extra["auto_chose"] = chose
+        results.append(Result("sltrain", f"{label} fwd+bwd", impl, ms[impl], extra))
     return results
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import random
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -102,6 +104,62 @@ def time_ms(
     timer = benchmark.Timer(stmt="call()", globals={"call": call},
                             num_threads=torch.get_num_threads())  # fmt: skip
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def time_ms_many(
+    fns: dict[str, Callable[[int], Any]],
+    device: torch.device | str,
+    *,
+    rotate: int = 1,
+    min_run_time: float = 0.5,
+    warmup: int = 3,
+    cuda_reps: int = 50,
+) -> dict[str, float]:
+    """Median milliseconds of each ``fn(i)``, measured in interleaved rounds (one call of
+    each per round, in a fresh random order each round), so drift of a shared machine and
+    the state a heavy neighbour leaves behind (caches, freed memory) hit every
+    implementation alike and the ratios of one case are comparable. CUDA: events around each
+    call; CPU: the wall clock per call, rounds until each function has run ``min_run_time``
+    seconds (at least 5 times)."""
+    device = torch.device(device)
+    names = list(fns)
+    counters = {name: iter(range(1 << 62)) for name in names}
+
+    def call(name: str) -> Any:
+        return fns[name](next(counters[name]) % rotate)
+
+    for _ in range(warmup):
+        for name in names:
+            call(name)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    shuffler = random.Random(0)
+
+    def order(round_index: int) -> list[str]:
+        return shuffler.sample(names, len(names))
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for round_index in range(cuda_reps):
+            for name in order(round_index):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                call(name)
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+        return {name: statistics.median(values) for name, values in times.items()}
+    spent = dict.fromkeys(names, 0.0)
+    round_index = 0
+    while min(spent.values()) < min_run_time or min(len(v) for v in times.values()) < 5:
+        round_index += 1
+        for name in order(round_index):
+            start = time.perf_counter()
+            call(name)
+            elapsed = time.perf_counter() - start
+            spent[name] += elapsed
+            times[name].append(elapsed * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _proc_status_bytes(field: str) -> int:
