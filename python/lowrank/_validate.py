@@ -8,6 +8,7 @@ so nothing reaches them unchecked.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -23,6 +24,20 @@ def tensor(name: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
+
+
+def integer(name: str, value: Any, minimum: int | None = None) -> int:
+    """A Python int from any integral value (int, NumPy integers; not bool or float)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        result = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} "
+                        f"{value!r}") from None  # fmt: skip
+    if minimum is not None and result < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {result}")
+    return result
 
 
 def floating(name: str, value: Any) -> torch.Tensor:
@@ -76,9 +91,16 @@ def same_device(**tensors: torch.Tensor) -> None:
 
 
 def positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """A positive Python int (NumPy integers accepted); ValueError otherwise."""
+    if isinstance(value, bool):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    try:
+        result = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if result < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return result
 
 
 def int_pair(name: str, value: Any) -> tuple[int, int]:

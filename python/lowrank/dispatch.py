@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import math
 import os
 import platform
 import re
@@ -441,10 +442,9 @@ class Dispatcher:
         for i in self.token_args:
             t = args[i]
             if t is not None:
-                rows = t.reshape(-1, t.shape[-1]) if t.dim() else t
-                if rows.dim() == 0 or rows.shape[0] == 0:
+                if t.dim() == 0 or t.numel() == 0:
                     return
-                small[i] = rows[:1]
+                small[i] = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])[:1]
         for impl in options:
             impl.run(*small)
 

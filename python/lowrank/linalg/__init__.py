@@ -7,13 +7,14 @@ from lowrank.linalg.nystrom import nystrom_eigh
 from lowrank.linalg.operator import LinearOperator
 from lowrank.linalg.pca import pca
 from lowrank.linalg.rsvd import rsvd
-from lowrank.linalg.streaming_svd import StreamingSVD
+from lowrank.linalg.streaming_svd import StreamingResult, StreamingSVD
 
 __all__ = [
     "ErrorEstimate",
     "KroneckerFactors",
     "LinearOperator",
     "MonarchFactors",
+    "StreamingResult",
     "StreamingSVD",
     "kron_rearrange",
     "monarch_project",

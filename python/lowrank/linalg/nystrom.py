@@ -3,9 +3,14 @@ stabilised Nystrom approximation (Tropp, Yurtsever, Udell & Cevher 2017, Alg. 3;
 Li, Linderman, Szlam, Stanton, Kluger & Tygert 2017).
 
 With an orthonormal ``n x l`` test matrix ``Omega``: ``Y = A Omega``, a shift
-``nu = eps * ||Y||_F`` (``Y_nu = Y + nu Omega``), ``C = chol(Omega^T Y_nu)``,
-``B = Y_nu C^{-T}`` and ``B = U Sigma V^T``; the eigenvalues are
+``nu = eps * ||Y||_F`` (``Y_nu = Y + nu Omega``), ``C = Omega^T Y_nu``,
+``B = Y_nu C^{-1/2}`` and ``B = U Sigma V^T``; the eigenvalues are
 ``max(Sigma^2 - nu, 0)`` with eigenvectors ``U``. One product with ``A``.
+
+``C^{-1/2}`` comes from the eigen-decomposition of the small ``l x l`` matrix ``C``
+rather than its Cholesky factor (the two give the same ``B B^T``), with eigenvalues at
+rounding level dropped: a zero or semidefinite ``A`` is valid input, and ``C`` is then
+singular to working precision.
 """
 
 from __future__ import annotations
@@ -45,12 +50,16 @@ def nystrom_eigh(
     omega = householder_qr(omega)
     y = op.matmat(omega)
     check_finite_product(y)
-    nu = torch.finfo(op.dtype).eps * torch.linalg.matrix_norm(y).clamp_min(1e-300)
+    eps = torch.finfo(op.dtype).eps
+    nu = eps * torch.linalg.matrix_norm(y)
     y = y + nu[..., None, None] * omega
     gram = omega.mT @ y
-    gram = (gram + gram.mT) / 2
-    factor = torch.linalg.cholesky(gram)
-    b = torch.linalg.solve_triangular(factor.mT, y, upper=True, left=False)
+    theta, v = torch.linalg.eigh((gram + gram.mT) / 2)
+    keep = theta > (l * eps) * theta.amax(dim=-1, keepdim=True).clamp_min(
+        torch.finfo(op.dtype).tiny
+    )
+    inv_root = torch.where(keep, theta.clamp_min(torch.finfo(op.dtype).tiny).rsqrt(), 0.0)
+    b = (y @ v) * inv_root[..., None, :]
     u, sigma, _ = torch.linalg.svd(b, full_matrices=False)
     values = (sigma.square() - nu[..., None]).clamp_min(0)
     out = A.dtype if isinstance(A, torch.Tensor) else op.dtype

@@ -45,11 +45,9 @@ class Operator:
         self.dense = dense  # the (..., m, n) tensor when there is one, for row sketches
         self._fro_sq = fro_sq
 
-    def frobenius_sq(self) -> torch.Tensor:
-        """``||A||_F^2`` per batch element (float64)."""
-        if self._fro_sq is None:
-            raise ValueError("this operator does not know its Frobenius norm")
-        return self._fro_sq()
+    def frobenius_sq(self) -> torch.Tensor | None:
+        """``||A||_F^2`` per batch element (float64), or None when the operator cannot say."""
+        return None if self._fro_sq is None else self._fro_sq()
 
     def transposed(self) -> Operator:
         dense = None if self.dense is None else self.dense.mT
@@ -99,16 +97,40 @@ def sparse_operator(a: torch.Tensor, compute_dtype: torch.dtype) -> Operator:
 
 
 def protocol_operator(op: LinearOperator, compute_dtype: torch.dtype) -> Operator:
-    """Wraps a user object following :class:`LinearOperator`."""
-    m, n = (int(v) for v in op.shape)
+    """Wraps a user object following :class:`LinearOperator`; every product it returns is
+    checked (a tensor of the right shape), and its ``frobenius_norm()``, when it has one,
+    is used by the fixed-accuracy mode."""
+    shape = op.shape
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
+        raise ValueError(f"the operator's shape must be (m, n), got {shape!r}")
+    m = check.positive_int("shape[0]", shape[0])
+    n = check.positive_int("shape[1]", shape[1])
+
+    def product(name, fn, x, rows):
+        out = fn(x.to(op.dtype))
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (rows, x.shape[-1]):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"the operator's {name} must return a ({rows}, {x.shape[-1]}) tensor for a "
+                f"({x.shape[0]}, {x.shape[-1]}) input, got {got}"
+            )
+        return out.to(compute_dtype)
 
     def matmat(x):
-        return op.matmat(x.to(op.dtype)).to(compute_dtype)
+        return product("matmat", op.matmat, x, m)
 
     def rmatmat(y):
-        return op.rmatmat(y.to(op.dtype)).to(compute_dtype)
+        return product("rmatmat", op.rmatmat, y, n)
 
-    return Operator((), m, n, compute_dtype, torch.device(op.device), matmat, rmatmat)
+    fro_sq = None
+    if callable(getattr(op, "frobenius_norm", None)):
+
+        def fro_sq():
+            norm = op.frobenius_norm()
+            return None if norm is None else torch.as_tensor(float(norm), dtype=torch.float64) ** 2
+
+    return Operator((), m, n, compute_dtype, torch.device(op.device), matmat, rmatmat,
+                    fro_sq=fro_sq)  # fmt: skip
 
 
 SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)

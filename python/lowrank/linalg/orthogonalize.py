@@ -2,10 +2,13 @@
 
 - ``cholqr2``: CholeskyQR twice (``G = Y^T Y = R^T R``, ``Q = Y R^{-1}``; Fukaya et al.
   2014): two Gram products and two triangular solves, all BLAS-3, far cheaper than
-  Householder QR on tall blocks. When ``G`` is too ill-conditioned for Cholesky,
-  the first pass is shifted (``G + s I``, shifted CholeskyQR3 of Fukaya, Kannan,
-  Nakatsukasa, Yamamoto & Yanagisawa 2020), and a block that stays singular
-  (rank-deficient input) falls back to Householder QR.
+  Householder QR on tall blocks. CholeskyQR is accurate only while ``cond(Y)`` stays
+  below about ``eps^(-1/2)``; past that ``G`` is singular to working precision and the
+  factorisation can succeed with a wrong ``R``. So a pass counts as failed when
+  Cholesky fails *or* ``R``'s diagonal spans more than ``0.1 / sqrt(eps)`` (a lower
+  bound on ``cond(Y)``); then the first pass is shifted (``G + s I``, shifted
+  CholeskyQR3 of Fukaya, Kannan, Nakatsukasa, Yamamoto & Yanagisawa 2020), and a block
+  that stays singular (rank-deficient input) falls back to Householder QR.
 - ``qr``: Householder QR.
 - ``lu``: the unit-lower-trapezoidal ``P L`` factor of a pivoted LU (well-conditioned,
   not orthonormal: only between power iterations, as scikit-learn does).
@@ -23,6 +26,18 @@ def householder_qr(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y).Q
 
 
+def well_conditioned(factor: torch.Tensor) -> bool:
+    """False when the triangular ``factor`` is singular or its diagonal spans more than
+    ``0.1 / sqrt(eps)``: its CholeskyQR, or a solve with it, would be inaccurate (the span
+    bounds ``cond`` of the block from below)."""
+    d = factor.diagonal(dim1=-2, dim2=-1).abs()
+    if d.shape[-1] == 0:
+        return True
+    limit = 0.1 / torch.finfo(factor.dtype).eps ** 0.5
+    low = d.amin(dim=-1)
+    return bool(((low > 0) & (d.amax(dim=-1) <= limit * low)).all())
+
+
 def _cholesky_pass(y: torch.Tensor, shift: bool) -> torch.Tensor | None:
     qr = _cholesky_qr(y, shift)
     return None if qr is None else qr[0]
@@ -38,7 +53,7 @@ def _cholesky_qr(y: torch.Tensor, shift: bool):
         s = 11.0 * (m * l + l * (l + 1)) * eps * trace
         gram = gram + s * torch.eye(l, dtype=y.dtype, device=y.device)
     factor, info = torch.linalg.cholesky_ex(gram)
-    if bool((info != 0).any()):
+    if bool((info != 0).any()) or not well_conditioned(factor):
         return None
     # Q = Y R^{-1} with R = L^T: solve Q L^T = Y.
     r = factor.mT
@@ -57,7 +72,9 @@ def cholqr2(y: torch.Tensor) -> torch.Tensor:
 
 
 def lu_normalize(y: torch.Tensor) -> torch.Tensor:
-    lu, pivots = torch.linalg.lu_factor(y)
+    """``P L`` of a partially pivoted LU; a singular ``U`` (zero or rank-deficient ``y``) is
+    fine, since ``L`` is unit lower-trapezoidal whatever ``U`` holds."""
+    lu, pivots, _ = torch.linalg.lu_factor_ex(y)
     p, lower, _ = torch.lu_unpack(lu, pivots, unpack_data=True, unpack_pivots=True)
     return p @ lower
 
@@ -80,11 +97,11 @@ def orthonormal(y: torch.Tensor, normalizer: str) -> torch.Tensor:
 
 
 def cholqr(y: torch.Tensor) -> torch.Tensor:
-    """One (shifted if needed) CholeskyQR pass: well-conditioned, orthonormal to about
-    ``eps * cond(y)^2``; enough between power iterations, where only conditioning matters."""
+    """One CholeskyQR pass: well-conditioned, orthonormal to about ``eps * cond(y)^2``;
+    enough between power iterations, where only conditioning matters. A block too
+    ill-conditioned for it takes Householder QR: a shifted pass would squash the
+    directions below ``sqrt(eps) * ||y||``, which the next product then loses."""
     q = _cholesky_pass(y, shift=False)
-    if q is None:
-        q = _cholesky_pass(y, shift=True)
     return householder_qr(y) if q is None else q
 
 

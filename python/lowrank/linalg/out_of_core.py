@@ -10,6 +10,11 @@ range finder of :func:`lowrank.linalg.rsvd` (``Q = orth(A Omega)``, then
 ``n_iter + 1`` passes instead of ``2 n_iter + 2``, computes the same subspaces
 and returns the in-memory result to rounding for the same seed.
 
+The shortcut amplifies rounding by ``cond(R)``: when ``Y`` is rank-deficient (zero,
+constant or exactly low-rank input) or too ill-conditioned for CholeskyQR, ``R`` is
+singular or nearly so and ``W R^{-1}`` would be garbage. Then that iteration's
+``A^T Q`` is computed by one more pass instead (``Q`` from Householder QR).
+
 On CUDA the next panel is copied from pinned host memory on a side stream while
 the current one is multiplied (two panels are resident, each half of ``max_memory``).
 """
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 
 from lowrank.linalg import sketching
-from lowrank.linalg.orthogonalize import normalize, orthonormal_with_factor
+from lowrank.linalg.orthogonalize import normalize, orthonormal_with_factor, well_conditioned
 
 _NUMPY_FLOATS = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
                  np.dtype(np.float64): torch.float64}  # fmt: skip
@@ -111,6 +116,19 @@ class RowPanels:
             bar.close()
         return y, w
 
+    def rmatmat_pass(self, q: torch.Tensor) -> torch.Tensor:
+        """``A^T q`` in one pass over the panels."""
+        self.passes += 1
+        w = torch.zeros(self.n, q.shape[1], dtype=self.dtype, device=self.device)
+        bar = self._bar()
+        for i0, i1, panel in self._panels():
+            w += (q[i0:i1].mT @ panel).mT
+            if bar is not None:
+                bar.update((i1 - i0) * self.n * torch.finfo(self.dtype).bits // 8)
+        if bar is not None:
+            bar.close()
+        return w
+
     def _bar(self):
         if not self.progress:
             return None
@@ -130,7 +148,10 @@ def streamed_range(panels: RowPanels, l: int, n_iter: int, normalizer: str, sket
         if not bool(torch.isfinite(y).all()):
             raise ValueError("A contains NaN or Inf (or its products overflow)")
         q, r = orthonormal_with_factor(y)
-        at_q = torch.linalg.solve_triangular(r, w, upper=True, left=False)  # A^T Q = W R^{-1}
+        if well_conditioned(r):
+            at_q = torch.linalg.solve_triangular(r, w, upper=True, left=False)  # W R^{-1}
+        else:  # rank-deficient or ill-conditioned Y: the shortcut would amplify rounding
+            at_q = panels.rmatmat_pass(q)
         if i == n_iter:
             return q, at_q
         y, w = panels.fused_pass(normalize(at_q, normalizer))

@@ -13,11 +13,18 @@ from lowrank.linalg.rsvd import rsvd
 
 
 class _Centred:
-    """``A - 1 mu^T`` as a LinearOperator."""
+    """``A - 1 mu^T`` as a LinearOperator; ``||A - 1 mu^T||_F^2 = ||A||_F^2 - m ||mu||^2``."""
 
     def __init__(self, op: Operator, mean: torch.Tensor):
         self.shape, self.dtype, self.device = (op.m, op.n), op.dtype, op.device
         self._op, self._mean = op, mean
+
+    def frobenius_norm(self):
+        total = self._op.frobenius_sq()
+        if total is None:
+            return None
+        centred = total - self._op.m * self._mean.double().square().sum()
+        return float(centred.clamp_min(0.0).sqrt())
 
     def matmat(self, x):
         return self._op.matmat(x) - (self._mean @ x)[None, :]

@@ -63,7 +63,9 @@ def rsvd(
         sketch: ``"gaussian"``, ``"rademacher"``, ``"srht"`` or ``"sparse_sign"``.
         block_krylov: use the whole Krylov space instead of its last block.
         tol: fixed-accuracy mode: smallest rank with ``||A - U S Vh||_F <= tol ||A||_F``
-            (up to ``max_rank``, default ``min(m, n)``); single matrices only.
+            (up to ``max_rank``, default ``min(m, n)``); single matrices only. Exact for
+            tensors and for operators with a ``frobenius_norm()`` method; for other
+            operators both norms are estimated from 32 Gaussian probes.
         init: ``(..., m, k)`` starting basis (e.g. the previous ``U``): warm start for
             subspace tracking; random columns complete it to ``l``.
         generator, seed: randomness. The test matrix is a function of ``seed`` alone
@@ -83,7 +85,8 @@ def rsvd(
         device in its dtype. Each column of ``U`` has its largest-magnitude entry
         positive (a deterministic sign).
     """
-    _check_options(rank, oversample, n_iter, normalizer, sketch, tol, max_rank)
+    rank, oversample, n_iter, max_rank = _check_options(rank, oversample, n_iter, normalizer,
+                                                        sketch, tol, max_rank)  # fmt: skip
     if isinstance(A, np.ndarray) or max_memory is not None:
         return _out_of_core(A, rank, oversample, n_iter, normalizer, sketch, tol, init,
                             resolve_seed(seed, generator), compute_dtype, device, max_memory,
@@ -185,6 +188,14 @@ def _fixed_accuracy(op: Operator, block, tol, max_rank, n_iter, normalizer, sket
         raise ValueError("tol= (fixed-accuracy mode) takes a single matrix, not a batch")
     max_rank = min(op.m, op.n) if max_rank is None else min(max_rank, op.m, op.n)
     norm_sq = op.frobenius_sq()
+    probes = None
+    if norm_sq is None:  # an operator that does not know its norm: Gaussian probes
+        stream = sketching.STREAM_NORM_PROBES
+        omega = sketching.test_matrix(op.n, NORM_PROBES, "gaussian", seed, stream, op.dtype,
+                                      op.device)  # fmt: skip
+        probes = op.matmat(omega)
+        check_finite_product(probes)
+        norm_sq = probes.double().square().sum() / NORM_PROBES
     target = tol * tol * norm_sq
     q = torch.zeros(op.m, 0, dtype=op.dtype, device=op.device)
     bt = torch.zeros(op.n, 0, dtype=op.dtype, device=op.device)
@@ -201,13 +212,26 @@ def _fixed_accuracy(op: Operator, block, tol, max_rank, n_iter, normalizer, sket
         qi = orthonormal(qi - q @ (q.mT @ qi), normalizer)  # re-orthogonalise once
         bti = op.rmatmat(qi)
         q, bt = torch.cat((q, qi), -1), torch.cat((bt, bti), -1)
-        energy = energy - bti.double().square().sum()
+        if probes is None:
+            energy = energy - bti.double().square().sum()
+        else:  # (A - Q B) Omega = (I - Q Q^T) A Omega
+            energy = (probes - q @ (q.mT @ probes)).double().square().sum() / NORM_PROBES
         index += 1
     w, s, ubh = torch.linalg.svd(bt, full_matrices=False)
-    tail = norm_sq - torch.cumsum(s.double().square(), 0)
+    u = q @ ubh.mT
+    if probes is None:
+        tail = norm_sq - torch.cumsum(s.double().square(), 0)
+    else:
+        captured = (u.mT @ probes).double().square().sum(-1) / NORM_PROBES
+        tail = norm_sq - torch.cumsum(captured, 0)
     met = torch.nonzero(tail <= target)
     k = int(met[0]) + 1 if met.numel() else s.shape[0]
-    return (q @ ubh.mT)[:, :k], s[:k], w.mT[:k]
+    return u[:, :k], s[:k], w.mT[:k]
+
+
+# Gaussian probes that estimate ||A||_F and the residual in fixed-accuracy mode when the
+# operator cannot say its norm: the ratio of the estimates is within about 25% of the truth.
+NORM_PROBES = 32
 
 
 def sign_convention(u: torch.Tensor, vh: torch.Tensor):
@@ -220,7 +244,11 @@ def sign_convention(u: torch.Tensor, vh: torch.Tensor):
 
 def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        try:
+            seed = check.integer("seed", seed, 0)
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+        if seed >= 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         return seed
     device = generator.device if generator is not None else "cpu"
@@ -233,11 +261,10 @@ def block_seed(seed: int, index: int) -> int:
 
 
 def _check_options(rank, oversample, n_iter, normalizer, sketch, tol, max_rank):
-    check.positive_int("rank", rank)
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"oversample must be a non-negative integer, got {oversample!r}")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")
+    """The options, validated; returns ``(rank, oversample, n_iter, max_rank)`` as ints."""
+    rank = check.positive_int("rank", rank)
+    oversample = check.integer("oversample", oversample, 0)
+    n_iter = check.integer("n_iter", n_iter, 0)
     if normalizer not in NORMALIZERS:
         raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
     if sketch not in sketching.SKETCHES:
@@ -245,7 +272,8 @@ def _check_options(rank, oversample, n_iter, normalizer, sketch, tol, max_rank):
     if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
     if max_rank is not None:
-        check.positive_int("max_rank", max_rank)
+        max_rank = check.positive_int("max_rank", max_rank)
+    return rank, oversample, n_iter, max_rank
 
 
 def _check_init(init, op: Operator) -> torch.Tensor:

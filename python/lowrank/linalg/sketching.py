@@ -33,6 +33,7 @@ STREAM_SPARSE_COLUMNS = 3
 STREAM_SPARSE_SIGNS = 4
 STREAM_BLOCK = 16  # fixed-accuracy mode: block b uses stream STREAM_BLOCK + b
 STREAM_PROBES = 1 << 20  # error estimation
+STREAM_NORM_PROBES = (1 << 20) + 1  # norms of operators in fixed-accuracy mode
 
 
 def test_matrix(n: int, l: int, kind: str, seed: int, stream: int, dtype, device) -> torch.Tensor:
@@ -55,7 +56,7 @@ def sketch_columns(op, l: int, kind: str, seed: int, stream: int = STREAM_TEST_M
     """``A @ Omega`` (``..., m x l``) for the operator ``op``."""
     if kind in ("srht", "sparse_sign") and op.dense is not None:
         a = op.dense
-        rows = a.reshape(-1, op.n).to(op.dtype) if a.dtype != op.dtype else a.reshape(-1, op.n)
+        rows = a.reshape(math.prod(a.shape[:-1]), op.n).to(op.dtype)
         if kind == "srht":
             signs, cols, n2 = _srht_parts(op.n, l, seed, op.dtype, a.device)
             y = ops.srht_rows(rows, signs, cols, n2, 1.0 / math.sqrt(l))

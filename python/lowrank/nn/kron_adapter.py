@@ -38,15 +38,21 @@ def lokr_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     near-square split while ``m + n`` does not grow and ``m <= factor`` (no bound for
     ``factor=-1``); the result is ordered ``m <= n``.
     """
-    check.positive_int("dimension", dimension)
+    dimension = check.positive_int("dimension", dimension)
+    factor = check.integer("factor", factor)
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
     limit = dimension if factor == -1 else factor
+    # Divisors above sqrt(dimension) only mirror those below it, so the search stops
+    # there: O(sqrt(dimension)) steps even for a large prime.
+    root = math.isqrt(dimension)
     m, n = 1, dimension
     while m < n:
         candidate = m + 1
-        while dimension % candidate:
+        while candidate <= root and dimension % candidate:
             candidate += 1
+        if candidate > root:
+            candidate = dimension // m if m > 1 else dimension  # the mirror of m
         if candidate + dimension // candidate > m + n or candidate > limit:
             break
         m, n = candidate, dimension // candidate

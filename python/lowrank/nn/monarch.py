@@ -78,8 +78,14 @@ class MonarchLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] < self.padded_in:
-            x = F.pad(x, (0, self.padded_in - x.shape[-1]))
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
+            check.tensor("input", x)
+            raise ValueError(
+                f"input must have shape (..., in_features) = (..., {self.in_features}), got "
+                f"{tuple(x.shape)}"
+            )
+        if self.in_features < self.padded_in:
+            x = F.pad(x, (0, self.padded_in - self.in_features))
         y = monarch_matmul(x, self.w1, self.w2)
         if self.padded_out > self.out_features:
             y = y[..., : self.out_features]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lowrank import _validate as check
+from lowrank.linalg.error import relative_residual
 from lowrank.linalg.rsvd import rsvd
 from lowrank.ops.sltrain import check_support, dense_sparse, sltrain_matmul
 
@@ -114,8 +115,7 @@ class SLTrainLinear(nn.Module):
             layer.values.copy_(residual.reshape(-1)[layer.indices.long()])
             if bias is not None:
                 layer.bias.copy_(bias)
-            rel = (w - layer.to_dense()).norm() / w.norm().clamp_min(1e-300)
-        layer.projection_error = float(rel)
+            layer.projection_error = relative_residual(w, layer.to_dense())
         return layer
 
     def memory_report(self) -> dict[str, int]:

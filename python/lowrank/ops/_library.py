@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 _LIBRARIES: dict[str, torch.library.Library] = {}
 _DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -53,11 +54,20 @@ def register_fake(op: torch._ops.OpOverload) -> Callable:
     return torch.library.register_fake(op._schema.name, lib=_split(op)[0])
 
 
-def register_autograd(op: torch._ops.OpOverload, function: type[torch.autograd.Function]) -> None:
+def register_autograd(
+    op: torch._ops.OpOverload,
+    function: type[torch.autograd.Function],
+    jvp: Callable[[tuple, tuple], torch.Tensor] | None = None,
+) -> None:
     """Routes ``op`` through ``function`` (an ``autograd.Function``) when a gradient is needed.
 
     ``function.forward`` must call ``op`` inside :func:`below_autograd`. Without
     any input that requires grad, the call goes straight to the device kernel.
+
+    Forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp``): when an input carries
+    a tangent, ``jvp(primals, tangents)`` (the op's arguments, and their tangents with
+    None for those without) gives the output's tangent, built from ops so that reverse
+    mode still sees it; an op without ``jvp`` raises rather than drop the tangent.
     """
     after_autograd = torch._C._after_autograd_keyset
     handle = op._handle
@@ -65,8 +75,31 @@ def register_autograd(op: torch._ops.OpOverload, function: type[torch.autograd.F
     tensor_positions = tuple(
         i for i, arg in enumerate(op._schema.arguments) if _is_tensor_type(arg.type)
     )
+    name = op._schema.name.split("::")[1]
+    defaults = [arg.default_value for arg in op._schema.arguments]
+
+    def forward_mode(args):
+        """The dual output when some input has a tangent at the current level, else None."""
+        args = (*args, *defaults[len(args) :])  # trailing defaults may be left out
+        tangents, primals = [None] * len(args), list(args)
+        for i in tensor_positions:
+            if i < len(args) and args[i] is not None:
+                primals[i], tangents[i] = forward_ad.unpack_dual(args[i])
+        if all(t is None for t in tangents):
+            return None
+        if jvp is None:
+            raise NotImplementedError(
+                f"lowrank.{name} has no forward-mode derivative (torch.func.jvp, forward_ad); "
+                "use reverse mode"
+            )
+        primal = op(*primals)
+        return forward_ad.make_dual(primal, jvp(tuple(primals), tuple(tangents)))
 
     def kernel(keyset, *args):
+        if forward_ad._current_level >= 0:
+            dual = forward_mode(args)
+            if dual is not None:
+                return dual
         if grad_enabled():
             for i in tensor_positions:
                 if i < len(args) and args[i] is not None and args[i].requires_grad:
@@ -77,11 +110,51 @@ def register_autograd(op: torch._ops.OpOverload, function: type[torch.autograd.F
     lib.impl(name, kernel, "Autograd", with_keyset=True)
 
 
+def multilinear_jvp(op: Callable, positions: tuple[int, ...]) -> Callable:
+    """The tangent of an op linear in each argument at ``positions`` separately (the
+    product rule): the sum, over arguments with a tangent, of the op with that argument
+    replaced by its tangent."""
+
+    def jvp(primals: tuple, tangents: tuple) -> torch.Tensor:
+        out = None
+        for i in positions:
+            if tangents[i] is not None:
+                args = list(primals)
+                args[i] = tangents[i]
+                term = op(*args)
+                out = term if out is None else out + term
+        return out
+
+    return jvp
+
+
 def _is_tensor_type(t) -> bool:
     """Tensor or Tensor? in a schema (the arguments that can require grad)."""
     if isinstance(t, torch.OptionalType):
         t = t.getElementType()
     return isinstance(t, torch.TensorType)
+
+
+def register_not_differentiable(op: torch._ops.OpOverload, hint: str = "") -> None:
+    """For ops with no derivative (the ``*_backward`` ops): a gradient or tangent asked of
+    them raises instead of silently coming back missing or zero."""
+    name = op._schema.name.split("::")[1]
+    message = f"lowrank.{name} is not differentiable" + (f"; {hint}" if hint else "")
+
+    class NotDifferentiable(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            with below_autograd():
+                return op(*args)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError(message)
+
+    def refuse(primals, tangents):
+        raise NotImplementedError(message)
+
+    register_autograd(op, NotDifferentiable, refuse)
 
 
 def below_autograd():

@@ -23,9 +23,11 @@ from lowrank import _validate as check
 from lowrank.ops._library import (
     below_autograd,
     define,
+    multilinear_jvp,
     register_autograd,
     register_fake,
     register_kernel,
+    register_not_differentiable,
 )
 
 _FORWARD = define("kron_matmul(Tensor x, Tensor a, Tensor b) -> Tensor")
@@ -109,8 +111,9 @@ def kron_matmul_backward_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure-PyTorch gradients of :func:`kron_matmul`; unneeded ones come back empty."""
     p, q, r, s = _check(x, a, b)
-    g = grad.reshape(-1, p, r)
-    rows = x.reshape(-1, q, s)
+    tokens = math.prod(x.shape[:-1])
+    g = grad.reshape(tokens, p, r)
+    rows = x.reshape(tokens, q, s)
     empty = grad.new_empty(0)
     dx = (a.transpose(0, 1) @ g @ b).reshape(x.shape) if need_x else empty
     if not need_factors:
@@ -447,6 +450,19 @@ class _KronMatmulAddInplace(torch.autograd.Function):
         )
 
 
-register_autograd(_FORWARD, _KronMatmul)
-register_autograd(_ADD, _KronMatmulAdd)
+def _add_jvp(primals, tangents):
+    """``t_base + scale * (kron(t_x, a, b) + kron(x, t_a, b) + kron(x, a, t_b))``."""
+    _, x, a, b, scale = primals
+    out = tangents[0]
+    for i in (1, 2, 3):
+        if tangents[i] is not None:
+            args = [x, a, b]
+            args[i - 1] = tangents[i]
+            out = scale * _FORWARD(*args) if out is None else _ADD(out, *args, scale)
+    return out
+
+
+register_autograd(_FORWARD, _KronMatmul, multilinear_jvp(_FORWARD, (0, 1, 2)))
+register_autograd(_ADD, _KronMatmulAdd, _add_jvp)
 register_autograd(_ADD_INPLACE, _KronMatmulAddInplace)
+register_not_differentiable(_BACKWARD, "double backward through kron_matmul is not supported")

@@ -28,9 +28,11 @@ from lowrank import _validate as check
 from lowrank.ops._library import (
     below_autograd,
     define,
+    multilinear_jvp,
     register_autograd,
     register_fake,
     register_kernel,
+    register_not_differentiable,
 )
 
 _FORWARD = define("monarch_matmul(Tensor x, Tensor w1, Tensor w2) -> Tensor")
@@ -304,4 +306,5 @@ class _MonarchMatmul(torch.autograd.Function):
         return (dx if need[0] else None, dw1 if need[1] else None, dw2 if need[2] else None)
 
 
-register_autograd(_FORWARD, _MonarchMatmul)
+register_autograd(_FORWARD, _MonarchMatmul, multilinear_jvp(_FORWARD, (0, 1, 2)))
+register_not_differentiable(_BACKWARD, "double backward through monarch_matmul is not supported")

@@ -23,7 +23,14 @@ import torch
 
 from lowrank import _native, dispatch
 from lowrank import _validate as check
-from lowrank.ops._library import define, register_fake, register_kernel
+from lowrank.ops._library import (
+    below_autograd,
+    define,
+    multilinear_jvp,
+    register_autograd,
+    register_fake,
+    register_kernel,
+)
 
 NORMAL, SIGN, UNIFORM = 0, 1, 2
 
@@ -293,6 +300,61 @@ def _srht_fake(a, signs, cols, n2, scale):
 def _sparse_sign_fake(a, cols, signs, l):
     _check_sparse_sign(a, cols, signs, l)
     return a.new_empty((a.shape[0], l))
+
+
+# ---- autograd: both sketches are linear in a and in the signs ---------------------------------
+
+
+class _Srht(torch.autograd.Function):
+    """``Y = scale * (A D) H[:, cols]``: ``dA = G Omega^T`` with ``Omega = scale D H[:, cols]``,
+    ``dsigns = sum_rows A * (G (scale H[:, cols])^T)``."""
+
+    @staticmethod
+    def forward(ctx, a, signs, cols, n2, scale):
+        with below_autograd():
+            y = _SRHT(a, signs, cols, n2, scale)
+        ctx.save_for_backward(a, signs, cols)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        a, signs, cols = ctx.saved_tensors
+        mixed = grad @ (ctx.scale * hadamard_columns(a.shape[1], cols, grad.dtype, grad.device)).T
+        da = mixed * signs if ctx.needs_input_grad[0] else None
+        dsigns = (mixed * a).sum(0) if ctx.needs_input_grad[1] else None
+        return da, dsigns, None, None, None
+
+
+class _SparseSign(torch.autograd.Function):
+    """``Y = A S``: ``dA = G S^T``; ``dsigns[j, t] = (A^T G)[j, cols[j, t]]``."""
+
+    @staticmethod
+    def forward(ctx, a, cols, signs, l):
+        with below_autograd():
+            y = _SPARSE_SIGN(a, cols, signs, l)
+        ctx.save_for_backward(a, cols, signs)
+        ctx.l = l
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        a, cols, signs = ctx.saved_tensors
+        da = dsigns = None
+        if ctx.needs_input_grad[0]:
+            dense = torch.zeros(a.shape[1], ctx.l, dtype=grad.dtype, device=grad.device)
+            rows = torch.arange(a.shape[1], device=grad.device).repeat_interleave(cols.shape[1])
+            dense.index_put_((rows, cols.reshape(-1).long()), signs.reshape(-1), accumulate=True)
+            da = grad @ dense.T
+        if ctx.needs_input_grad[2]:
+            dsigns = torch.gather(a.mT @ grad, 1, cols.long())
+        return da, None, dsigns, None
+
+
+register_autograd(_SRHT, _Srht, multilinear_jvp(_SRHT, (0, 1)))
+register_autograd(_SPARSE_SIGN, _SparseSign, multilinear_jvp(_SPARSE_SIGN, (0, 2)))
 
 
 def next_power_of_two(n: int) -> int:

@@ -23,6 +23,7 @@ sees it; a checked index tensor is remembered until it is modified.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -32,9 +33,11 @@ from lowrank import _validate as check
 from lowrank.ops._library import (
     below_autograd,
     define,
+    multilinear_jvp,
     register_autograd,
     register_fake,
     register_kernel,
+    register_not_differentiable,
 )
 
 PATHS = {"auto": 0, "rebuild": 1, "factored": 2}
@@ -173,6 +176,10 @@ def check_support(indices: torch.Tensor, out: int, inp: int) -> None:
     stamp = (indices._version, out, inp)
     if getattr(indices, "_lowrank_checked", None) == stamp:
         return
+    check.tensor("indices", indices)
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    check.ndim("indices", indices, 1, "(nnz,) flat positions")
     if indices.numel():
         if indices.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
@@ -432,7 +439,7 @@ def _key(x, tokens, out, inp, rank, nnz):
 def _forward_kernel(x, B, A, values, indices, scale, bias=None, path=0):
     out, inp, rank = _check(x, B, A, values, indices, bias)
     check_support(indices, out, inp)
-    rows = x.reshape(-1, inp)
+    rows = x.reshape(math.prod(x.shape[:-1]), inp)
     key = (*_key(x, rows.shape[0], out, inp, rank, values.numel()), bias is not None, path)
     y = _forward_dispatch(key, rows, rows, B, A, values, indices, scale, bias,
                           names=_PATH_NAMES.get(path))  # fmt: skip
@@ -443,7 +450,8 @@ def _backward_kernel(grad, x, B, A, values, indices, scale, path, need_x, need_b
     out, inp, rank = _check(x, B, A, values, indices, None)
     _check_grad(grad, x, out)
     check_support(indices, out, inp)
-    rows, g = x.reshape(-1, inp), grad.reshape(-1, out)
+    tokens = math.prod(x.shape[:-1])
+    rows, g = x.reshape(tokens, inp), grad.reshape(tokens, out)
     key = (*_key(x, rows.shape[0], out, inp, rank, values.numel()), path, need_x, need_b,
            need_a, need_v)  # fmt: skip
     needs = (need_x, need_b, need_a, need_v)
@@ -579,9 +587,121 @@ class _SLTrainMatmul(torch.autograd.Function):
                                    need_b, need_a, need_v)  # fmt: skip
         dbias = None
         if ctx.has_bias and ctx.needs_input_grad[6]:
-            dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
+            dbias = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0)
         return (dx if need_x else None, db if need_b else None, da if need_a else None,
                 dv if need_v else None, None, None, dbias, None)  # fmt: skip
 
 
-register_autograd(_FORWARD, _SLTrainMatmul)
+def _jvp(primals, tangents):
+    """``y`` is linear in ``x``, in ``(B, values)`` together, in ``A`` and in ``bias``."""
+    x, B, A, values, indices, scale, _, path = primals
+    tx, tb, ta, tv, _, _, tbias, _ = tangents
+    no_values = values.new_zeros(values.shape)
+    no_b = torch.zeros_like(B) if tb is None else tb
+    terms = []
+    if tx is not None:
+        terms.append(_FORWARD(tx, B, A, values, indices, scale, None, path))
+    if tb is not None or tv is not None:
+        tv = no_values if tv is None else tv
+        terms.append(_FORWARD(x, no_b, A, tv, indices, scale, None, path))
+    if ta is not None:
+        terms.append(_FORWARD(x, B, ta, no_values, indices, scale, None, path))
+    if tbias is not None:
+        terms.append(tbias.expand(*x.shape[:-1], B.shape[0]))
+    out = terms[0]
+    for term in terms[1:]:
+        out = out + term
+    return out
+
+
+register_autograd(_FORWARD, _SLTrainMatmul, _jvp)
+register_not_differentiable(_BACKWARD, "double backward through sltrain_matmul is not supported")
+
+
+# ---- the primitives are differentiable too: each is linear in its float arguments ----------
+
+
+class _Rebuild(torch.autograd.Function):
+    """``W = s B A + S``: ``dB = s G A^T``, ``dA = s B^T G``, ``dvalues = G[indices]``."""
+
+    @staticmethod
+    def forward(ctx, B, A, values, indices, scale):
+        with below_autograd():
+            w = _REBUILD(B, A, values, indices, scale)
+        ctx.save_for_backward(B, A, indices)
+        ctx.scale = scale
+        return w
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        B, A, indices = ctx.saved_tensors
+        need_b, need_a, need_v = ctx.needs_input_grad[:3]
+        s = ctx.scale
+        return (s * grad @ A.T if need_b else None, s * B.T @ grad if need_a else None,
+                grad.reshape(-1)[indices.long()] if need_v else None, None, None)  # fmt: skip
+
+
+def _rebuild_jvp(primals, tangents):
+    B, A, values, indices, scale = primals
+    tb, ta, tv = tangents[:3]
+    out = None
+    if tb is not None or tv is not None:
+        tb = torch.zeros_like(B) if tb is None else tb
+        tv = values.new_zeros(values.shape) if tv is None else tv
+        out = _REBUILD(tb, A, tv, indices, scale)
+    if ta is not None:
+        term = _REBUILD(B, ta, values.new_zeros(values.shape), indices, scale)
+        out = term if out is None else out + term
+    return out
+
+
+class _Sparse(torch.autograd.Function):
+    """``y = x S^T`` (or ``x S``): ``dx = g S`` (or ``g S^T``), ``dvalues`` sampled from
+    ``g^T x`` (or ``x^T g``) at the support."""
+
+    @staticmethod
+    def forward(ctx, x, values, indices, rows, cols, transpose):
+        with below_autograd():
+            y = _SPARSE(x, values, indices, rows, cols, transpose)
+        ctx.save_for_backward(x, values, indices)
+        ctx.shape = (rows, cols, transpose)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, values, indices = ctx.saved_tensors
+        rows, cols, transpose = ctx.shape
+        need_x, need_v = ctx.needs_input_grad[:2]
+        dx = _SPARSE(grad, values, indices, rows, cols, not transpose) if need_x else None
+        dv = None
+        if need_v:
+            dv = _SAMPLED(x, grad, indices) if transpose else _SAMPLED(grad, x, indices)
+        return dx, dv, None, None, None, None
+
+
+class _Sampled(torch.autograd.Function):
+    """``g = (dy^T x)[indices]``: ``d dy = x S(G)^T``, ``d x = dy S(G)`` for the sparse
+    ``S(G)`` holding the incoming gradient at the support."""
+
+    @staticmethod
+    def forward(ctx, dy, x, indices):
+        with below_autograd():
+            g = _SAMPLED(dy, x, indices)
+        ctx.save_for_backward(dy, x, indices)
+        return g
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        dy, x, indices = ctx.saved_tensors
+        out, inp = dy.shape[1], x.shape[1]
+        d_dy = _SPARSE(x, grad, indices, out, inp, False) if ctx.needs_input_grad[0] else None
+        d_x = _SPARSE(dy, grad, indices, out, inp, True) if ctx.needs_input_grad[1] else None
+        return d_dy, d_x, None
+
+
+register_autograd(_REBUILD, _Rebuild, _rebuild_jvp)
+register_autograd(_SPARSE, _Sparse, multilinear_jvp(_SPARSE, (0, 1)))
+register_autograd(_SAMPLED, _Sampled, multilinear_jvp(_SAMPLED, (0, 1)))
