@@ -104,13 +104,68 @@ def dead_peer_worker(rank: int, world: int, init_file: str, results: str) -> Non
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=3))  # fmt: skip
     if rank == 1:
-        return  # leaves without taking part: rank 0's collectives must time out, not hang
+        os._exit(0)  # dies without taking part: rank 0's collectives must fail, not hang
     try:
         ldist.rsvd(torch.randn(20, 8, dtype=torch.float64), 2, seed=0)
         message = "no error"
-    except RuntimeError as error:
-        message = type(error).__name__
+    except Exception as error:  # a timeout or a closed connection, whichever comes first
+        message = f"{type(error).__name__}: {error}"
     torch.save(message, f"{results}.{rank}")
+
+
+def robust_worker(rank: int, world: int, init_file: str, results: str) -> None:
+    """Every normaliser, half precision and degenerate matrices, against one process."""
+    from lowrank import distributed as ldist
+    from lowrank.linalg import rsvd
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))  # fmt: skip
+    try:
+        lo, hi = bounds(world)[rank]
+        g = torch.Generator().manual_seed(1)
+        cases = {
+            "decaying": full_matrix(),
+            "zero": torch.zeros(M, N, dtype=torch.float64),
+            "rank1": torch.randn(M, 1, generator=g, dtype=torch.float64)
+            @ torch.randn(1, N, generator=g, dtype=torch.float64),
+        }
+        errors = {}
+        for name, a in cases.items():
+            exact = torch.linalg.svdvals(a)[:RANK]
+            for normalizer in ("auto", "cholqr2", "qr", "none"):
+                u, s, vh = ldist.rsvd(a[lo:hi], RANK, seed=3, normalizer=normalizer)
+                _, one_s, _ = rsvd(a, RANK, seed=3, normalizer=normalizer)
+                finite = all(bool(torch.isfinite(t).all()) for t in (u, s, vh))
+                errors[f"{name} {normalizer}"] = (
+                    float((s - exact).abs().max()) if finite else float("inf"),
+                    float((s - one_s).abs().max()),
+                )
+        a = full_matrix()
+        u, s, vh = ldist.rsvd(a[lo:hi].bfloat16(), RANK, seed=3)
+        errors["bfloat16"] = (float((s.double() - torch.linalg.svdvals(a)[:RANK]).abs().max()),
+                              0.0 if s.dtype == torch.bfloat16 else float("inf"))  # fmt: skip
+        try:
+            ldist.rsvd(a[lo:hi], RANK, normalizer="lu")
+            errors["lu"] = "no error"
+        except ValueError as error:
+            errors["lu"] = str(error)
+        torch.save(errors, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_normalizer_half_precision_and_degenerate_input():
+    with tempfile.TemporaryDirectory() as folder:
+        init_file, results = os.path.join(folder, "init"), os.path.join(folder, "out")
+        mp.spawn(robust_worker, args=(2, init_file, results), nprocs=2, join=True)
+        outcomes = [torch.load(f"{results}.{r}") for r in range(2)]
+    for outcome in outcomes:
+        assert "pivoted LU across every rank" in outcome.pop("lu")
+        for case, (to_exact, to_single) in outcome.items():
+            # exact for zero and rank-1 input; decaying: the randomized method's own error
+            tol = {"bfloat16": 2e-2}.get(case, 1e-6 if case.startswith("decaying") else 1e-8)
+            assert to_exact <= tol, (case, to_exact)
+            assert to_single <= 1e-8, (case, to_single)
 
 
 def test_dead_peer_times_out():
