@@ -8,9 +8,11 @@ so nothing reaches them unchecked.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
+import numpy as np
 import torch
 
 FLOATING = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
@@ -26,6 +28,10 @@ def tensor(name: str, value: Any) -> torch.Tensor:
     return value
 
 
+# Sizes, counts and seeds beyond this are no sizes a tensor can have (int64 indexing).
+MAX_INT = 2**62
+
+
 def integer(name: str, value: Any, minimum: int | None = None) -> int:
     """A Python int from any integral value (int, NumPy integers; not bool or float)."""
     if isinstance(value, bool):
@@ -37,6 +43,33 @@ def integer(name: str, value: Any, minimum: int | None = None) -> int:
                         f"{value!r}") from None  # fmt: skip
     if minimum is not None and result < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {result}")
+    if abs(result) > MAX_INT:
+        raise ValueError(f"{name} = {result} is out of range (at most 2**62)")
+    return result
+
+
+# Power iterations converge within a few dozen steps; a count far beyond is a mistake that
+# would run for hours.
+MAX_ITERATIONS = 1000
+
+
+def iterations(name: str, value: Any) -> int:
+    """A count of iterations in [0, MAX_ITERATIONS]."""
+    result = integer(name, value, 0)
+    if result > MAX_ITERATIONS:
+        raise ValueError(f"{name} must be at most {MAX_ITERATIONS}, got {result}")
+    return result
+
+
+def real(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+    """A finite Python float (int, float, NumPy scalars; not bool), within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if (low is not None and result < low) or (high is not None and result > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
     return result
 
 
@@ -69,6 +102,37 @@ def size(name: str, t: torch.Tensor, dim: int, expected: int, meaning: str) -> N
         )
 
 
+def weight(name: str, value: Any) -> torch.Tensor:
+    """A dense layer weight: a finite floating ``(out_features, in_features)`` tensor with
+    no zero side (a one-off check, for conversions)."""
+    t = floating(name, value)
+    ndim(name, t, 2, "(out_features, in_features)")
+    if 0 in t.shape:
+        raise ValueError(f"{name} must have positive sizes, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return t
+
+
+def layer_input(x: Any, in_features: int, dtype: torch.dtype) -> None:
+    """A layer's input: a tensor of shape ``(..., in_features)`` in the layer's ``dtype`` (or
+    any floating dtype under autocast). One predicate on the hot path; the itemised checks
+    run only to explain a failure."""
+    if (
+        isinstance(x, torch.Tensor)
+        and x.dim() > 0
+        and x.shape[-1] == in_features
+        and (x.dtype == dtype or (x.dtype in FLOATING and torch.is_autocast_enabled(x.device.type)))
+    ):
+        return
+    floating("input", x)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"input must have shape (..., in_features) = (..., {in_features}), "
+                         f"got {tuple(x.shape)}")  # fmt: skip
+    raise TypeError(f"input has dtype {x.dtype} but the layer's parameters {dtype}; they must "
+                    "match (or run under torch.autocast)")  # fmt: skip
+
+
 def same_dtype(**tensors: torch.Tensor) -> None:
     items = list(tensors.items())
     first_name, first = items[0]
@@ -98,8 +162,8 @@ def positive_int(name: str, value: Any) -> int:
         result = operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if result < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if result < 1 or result > MAX_INT:
+        raise ValueError(f"{name} must be a positive integer (at most 2**62), got {value!r}")
     return result
 
 

@@ -154,7 +154,7 @@ def _run(a_local, rank, matmat, rmatmat, group, oversample, n_iter, normalizer, 
          generator):  # fmt: skip
     rank = check.positive_int("rank", rank)
     oversample = check.integer("oversample", oversample, 0)
-    n_iter = check.integer("n_iter", n_iter, 0)
+    n_iter = check.iterations("n_iter", n_iter)
     if normalizer == "lu":
         raise ValueError(
             "normalizer='lu' needs a pivoted LU across every rank's rows; distributed rsvd "

@@ -109,7 +109,8 @@ def svd_error(
     """
     if norm not in ("fro", 2):
         raise ValueError(f"norm must be 'fro' or 2, got {norm!r}")
-    check.positive_int("probes", probes)
+    probes = check.positive_int("probes", probes)
+    power_iterations = check.iterations("power_iterations", power_iterations)
     op = as_operator(A)
     for name, t in (("U", U), ("S", S), ("Vh", Vh)):
         check.floating(name, t)

@@ -38,7 +38,8 @@ def nystrom_eigh(
     symmetry is assumed, not checked. Eigenvalues are ``(..., rank)`` (non-negative,
     descending) and eigenvectors ``(..., n, rank)``.
     """
-    check.positive_int("rank", rank)
+    rank = check.positive_int("rank", rank)
+    oversample = check.integer("oversample", oversample, 0)
     op = as_operator(A)
     if op.m != op.n:
         raise ValueError(f"A must be square, got {op.m} x {op.n}")
@@ -51,10 +52,12 @@ def nystrom_eigh(
     y = op.matmat(omega)
     check_finite_product(y)
     eps = torch.finfo(op.dtype).eps
-    nu = eps * torch.linalg.matrix_norm(y)
+    nu = (eps * torch.linalg.matrix_norm(y.double())).to(op.dtype)  # no overflow in the sum
     y = y + nu[..., None, None] * omega
     gram = omega.mT @ y
-    theta, v = torch.linalg.eigh((gram + gram.mT) / 2)
+    # The l x l eigenproblem in float64: cheap, and it converges for any finite scale.
+    theta, v = torch.linalg.eigh(((gram + gram.mT) / 2).double())
+    theta, v = theta.to(op.dtype), v.to(op.dtype)
     keep = theta > (l * eps) * theta.amax(dim=-1, keepdim=True).clamp_min(
         torch.finfo(op.dtype).tiny
     )

@@ -48,7 +48,8 @@ class RowPanels:
                 raise TypeError(f"A must hold float16, float32 or float64, got {a.dtype}")
             source_dtype = _NUMPY_FLOATS[a.dtype]
         else:
-            raise TypeError(f"cannot stream {type(a).__name__}; use a NumPy array or memmap")
+            raise TypeError(f"A must be a NumPy array, np.memmap or CPU tensor to be streamed, "
+                            f"got {type(a).__name__}")  # fmt: skip
         self.a, self.m, self.n = a, int(a.shape[0]), int(a.shape[1])
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float32 if source_dtype in (torch.float16, torch.bfloat16)

@@ -43,7 +43,9 @@ def pca(A, rank: int, center: bool = True, **rsvd_options):
         return rsvd(A, rank, **rsvd_options)
     op = as_operator(A, rsvd_options.pop("compute_dtype", None))
     if op.batch:
-        raise ValueError("pca takes a single (m, n) matrix")
+        raise ValueError(f"A must be a single (m, n) matrix for pca, got batch shape {op.batch}")
+    if op.m == 0 or op.n == 0:
+        raise ValueError(f"A must have positive sizes, got {op.m} x {op.n}")
     ones = torch.ones(op.m, 1, dtype=op.dtype, device=op.device)
     mean = op.rmatmat(ones)[:, 0] / op.m
     u, s, vh = rsvd(_Centred(op, mean), rank, **rsvd_options)

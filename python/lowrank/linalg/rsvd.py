@@ -264,7 +264,7 @@ def _check_options(rank, oversample, n_iter, normalizer, sketch, tol, max_rank):
     """The options, validated; returns ``(rank, oversample, n_iter, max_rank)`` as ints."""
     rank = check.positive_int("rank", rank)
     oversample = check.integer("oversample", oversample, 0)
-    n_iter = check.integer("n_iter", n_iter, 0)
+    n_iter = check.iterations("n_iter", n_iter)
     if normalizer not in NORMALIZERS:
         raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
     if sketch not in sketching.SKETCHES:

@@ -104,6 +104,7 @@ class KronLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check.layer_input(x, self.in_features, self.a.dtype)
         if self.terms == 1:
             y = kron_matmul(x, self.a, self.b)
         else:
@@ -139,8 +140,7 @@ class KronLinear(nn.Module):
                 "linear_or_weight must be an nn.Linear or an (out, in) tensor, "
                 f"got {type(linear_or_weight).__name__}"
             )
-        check.floating("weight", weight)
-        check.ndim("weight", weight, 2, "(out_features, in_features)")
+        check.weight("weight", weight)
         out_features, in_features = weight.shape
         a_shape, b_shape = _factor_shapes(in_features, out_features, factors)
         with torch.no_grad():

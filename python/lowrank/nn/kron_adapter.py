@@ -30,6 +30,10 @@ _FACTOR_NAMES = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
 INITS = ("peft", "lycoris", "random")
 
 
+# The split searches divisors up to sqrt(dimension): about a million steps at this bound.
+MAX_DIMENSION = 2**40
+
+
 def lokr_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """Splits ``dimension`` into ``(m, n)``, ``m * n == dimension``, by LoKr's rule.
 
@@ -40,6 +44,9 @@ def lokr_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """
     dimension = check.positive_int("dimension", dimension)
     factor = check.integer("factor", factor)
+    if dimension > MAX_DIMENSION:
+        raise ValueError(f"dimension must be at most {MAX_DIMENSION} (a layer's size), "
+                         f"got {dimension}")  # fmt: skip
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
     limit = dimension if factor == -1 else factor
@@ -173,6 +180,7 @@ class KronAdapter(nn.Module):
     # ---- forward -----------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check.layer_input(x, self.base.in_features, self.base.weight.dtype)
         y = self.base(x)
         if self.merged:
             return y

@@ -78,12 +78,7 @@ class MonarchLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
-            check.tensor("input", x)
-            raise ValueError(
-                f"input must have shape (..., in_features) = (..., {self.in_features}), got "
-                f"{tuple(x.shape)}"
-            )
+        check.layer_input(x, self.in_features, self.w1.dtype)
         if self.in_features < self.padded_in:
             x = F.pad(x, (0, self.padded_in - self.in_features))
         y = monarch_matmul(x, self.w1, self.w2)
@@ -112,10 +107,12 @@ class MonarchLinear(nn.Module):
             weight, bias = linear_or_weight, None
         else:
             raise TypeError("linear_or_weight must be an nn.Linear or an (out, in) tensor")
-        check.floating("weight", weight)
-        check.ndim("weight", weight, 2, "(out_features, in_features)")
-        check.positive_int("nblocks", nblocks)
+        check.weight("weight", weight)
+        nblocks = check.positive_int("nblocks", nblocks)
         out_f, in_f = weight.shape
+        if nblocks > min(out_f, in_f):
+            raise ValueError(f"nblocks = {nblocks} exceeds min(out, in) = {min(out_f, in_f)} of "
+                             "the weight: blocks would be pure padding")  # fmt: skip
         b_in, b_out = math.ceil(in_f / nblocks), math.ceil(out_f / nblocks)
         padded = F.pad(weight.detach(), (0, b_in * nblocks - in_f, 0, b_out * nblocks - out_f))
         fit = monarch_project(padded, nblocks, rank)

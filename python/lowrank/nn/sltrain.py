@@ -55,8 +55,8 @@ class SLTrainLinear(nn.Module):
             raise ValueError(
                 f"rank must be at most min(in, out) = {min(in_features, out_features)}"
             )
-        if not 0.0 <= sparsity <= 1.0:
-            raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+        sparsity = check.real("sparsity", sparsity, 0.0, 1.0)
+        alpha = check.real("alpha", alpha)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha, self.scale = float(alpha), float(alpha) / rank
         kw = {"device": device, "dtype": dtype}
@@ -77,6 +77,7 @@ class SLTrainLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
+        check.layer_input(x, self.in_features, self.A.dtype)
         return sltrain_matmul(
             x, self.B, self.A, self.values, self.indices, self.scale, self.bias, path
         )
@@ -101,8 +102,7 @@ class SLTrainLinear(nn.Module):
         """
         bias = weight.bias if isinstance(weight, nn.Linear) else None
         w = weight.weight if isinstance(weight, nn.Linear) else weight
-        check.floating("weight", w)
-        check.ndim("weight", w, 2, "(out_features, in_features)")
+        check.weight("weight", w)
         out_f, in_f = w.shape
         layer = cls(in_f, out_f, rank, sparsity, alpha, bias is not None, seed,
                     device=w.device, dtype=w.dtype)  # fmt: skip

@@ -31,6 +31,23 @@ def _split(op: torch._ops.OpOverload) -> tuple[torch.library.Library, str]:
     return _library(namespace), name
 
 
+# torch's argument parser reports a wrong argument type as RuntimeError; the Python entry
+# points re-raise it as the TypeError it is (the message already names the argument).
+_PARSER_ERRORS = ("Expected a value of type", "expected at most", "missing value for argument",
+                  "Overflow when unpacking")  # fmt: skip
+
+
+def call(op: torch._ops.OpOverload, *args):
+    """``op(*args)``, with torch's argument-parsing errors raised as TypeError."""
+    try:
+        return op(*args)
+    except RuntimeError as error:
+        text = str(error)
+        if any(marker in text for marker in _PARSER_ERRORS):
+            raise TypeError(text.split("\n", 1)[0]) from None
+        raise
+
+
 def define(schema: str, namespace: str = "lowrank") -> torch._ops.OpOverload:
     """Defines ``<namespace>::<schema>`` and returns its default overload."""
     _library(namespace).define(schema)

@@ -22,6 +22,7 @@ from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
     below_autograd,
+    call,
     define,
     multilinear_jvp,
     register_autograd,
@@ -58,7 +59,7 @@ def kron_matmul(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     CUDA float32/float16/bfloat16 with float32 accumulation. Differentiable in all
     three arguments.
     """
-    return _FORWARD(x, a, b)
+    return call(_FORWARD, x, a, b)
 
 
 def kron_matmul_add(
@@ -71,7 +72,7 @@ def kron_matmul_add(
     Kronecker adapter (``base`` is the frozen layer's output). Differentiable in
     ``base``, ``x``, ``a`` and ``b``.
     """
-    return _ADD(base, x, a, b, scale)
+    return call(_ADD, base, x, a, b, scale)
 
 
 def kron_matmul_add_(
@@ -83,7 +84,7 @@ def kron_matmul_add_(
     Not differentiable (it raises when an input requires grad); training uses
     :func:`kron_matmul_add`.
     """
-    _ADD_INPLACE(base, x, a, b, scale)
+    call(_ADD_INPLACE, base, x, a, b, scale)
     return base
 
 
@@ -125,16 +126,21 @@ def kron_matmul_backward_reference(
 
 def _check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int, int]:
     """(p, q, r, s) of valid arguments; otherwise raises the error that names the problem."""
-    # One cheap predicate on the hot path; the itemised checks run only to explain a failure.
-    if (
-        a.dim() == 2
-        and b.dim() == 2
-        and x.dim() >= 1
-        and x.dtype in check.FLOATING
-        and x.dtype == a.dtype == b.dtype
-        and x.device == a.device == b.device
-        and x.shape[-1] == a.shape[1] * b.shape[1]
-    ):
+    # One cheap predicate on the hot path; the itemised checks run only to explain a failure
+    # (also of arguments that are no tensors at all: torch.ops lets None through).
+    try:
+        ok = (
+            a.dim() == 2
+            and b.dim() == 2
+            and x.dim() >= 1
+            and x.dtype in check.FLOATING
+            and x.dtype == a.dtype == b.dtype
+            and x.device == a.device == b.device
+            and x.shape[-1] == a.shape[1] * b.shape[1]
+        )
+    except (AttributeError, TypeError):
+        ok = False
+    if ok:
         return (*a.shape, *b.shape)
     check.floating("x", x)
     check.floating("a", a)

@@ -27,6 +27,7 @@ from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
     below_autograd,
+    call,
     define,
     multilinear_jvp,
     register_autograd,
@@ -54,7 +55,7 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch
         ``(..., l*s)``. Native kernels: CPU float32/float64 (float16/bfloat16 via
         float32), CUDA float32/float16/bfloat16 with float32 accumulation.
     """
-    return _FORWARD(x, w1, w2)
+    return call(_FORWARD, x, w1, w2)
 
 
 def monarch_matmul_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -85,16 +86,20 @@ def monarch_matmul_backward_reference(grad, x, w1, w2, need_x, need_w1, need_w2)
 
 def _check(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[int, ...]:
     """(k, q, p, l, s, r) of valid arguments; otherwise the error that names the problem."""
-    if (
-        w1.dim() == 3
-        and w2.dim() == 3
-        and x.dim() >= 1
-        and x.dtype in check.FLOATING
-        and x.dtype == w1.dtype == w2.dtype
-        and x.device == w1.device == w2.device
-        and x.shape[-1] == w1.shape[0] * w1.shape[2]
-        and w2.shape[0] * w2.shape[2] == w1.shape[0] * w1.shape[1]
-    ):
+    try:  # one predicate on the hot path (torch.ops lets None through: no tensor at all)
+        ok = (
+            w1.dim() == 3
+            and w2.dim() == 3
+            and x.dim() >= 1
+            and x.dtype in check.FLOATING
+            and x.dtype == w1.dtype == w2.dtype
+            and x.device == w1.device == w2.device
+            and x.shape[-1] == w1.shape[0] * w1.shape[2]
+            and w2.shape[0] * w2.shape[2] == w1.shape[0] * w1.shape[1]
+        )
+    except (AttributeError, TypeError):
+        ok = False
+    if ok:
         return (*w1.shape, *w2.shape)
     check.floating("x", x)
     check.floating("w1", w1)
@@ -115,6 +120,7 @@ def _check(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[int, ..
 
 def _check_grad(grad, x, l, s):
     expected = (*x.shape[:-1], l * s)
+    check.tensor("grad", grad)
     if not (grad.dtype == x.dtype and grad.device == x.device and tuple(grad.shape) == expected):
         check.floating("grad", grad)
         check.same_dtype(grad=grad, x=x)

@@ -25,6 +25,7 @@ from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
     below_autograd,
+    call,
     define,
     multilinear_jvp,
     register_autograd,
@@ -44,7 +45,8 @@ _FILL_DTYPES = {"cpu": (torch.float32, torch.float64),
 
 def philox_fill_(out: torch.Tensor, kind: int, seed: int, stream: int = 0) -> torch.Tensor:
     """Fills a contiguous ``out`` with counter-based random draws; returns ``out``."""
-    _FILL(out, kind, seed, stream)
+    check.tensor("out", out)
+    call(_FILL, out, kind, seed, stream)
     return out
 
 
@@ -56,12 +58,12 @@ def random_matrix(shape, kind: int, seed: int, stream: int, dtype: torch.dtype, 
 
 def srht_rows(a: torch.Tensor, signs: torch.Tensor, cols: torch.Tensor, n2: int, scale: float):
     """Rows of ``scale * (A * signs) H_{n2}`` at columns ``cols``; ``a`` is ``(rows, n)``."""
-    return _SRHT(a, signs, cols, n2, scale)
+    return call(_SRHT, a, signs, cols, n2, scale)
 
 
 def sparse_sign_rows(a: torch.Tensor, cols: torch.Tensor, signs: torch.Tensor, l: int):
     """``A @ S`` with ``S[j, cols[j, t]] += signs[j, t]``; ``a`` is ``(rows, n)``."""
-    return _SPARSE_SIGN(a, cols, signs, l)
+    return call(_SPARSE_SIGN, a, cols, signs, l)
 
 
 # ---- references ------------------------------------------------------------------------------
@@ -157,8 +159,9 @@ def _check_srht(a, signs, cols, n2):
     if cols.dtype != torch.int64 or cols.dim() != 1:
         raise TypeError(f"cols must be a 1-D int64 tensor, got {cols.dtype} of shape "
                         f"{tuple(cols.shape)}")  # fmt: skip
-    if isinstance(n2, bool) or not isinstance(n2, int) or n2 < max(n, 1) or n2 & (n2 - 1):
-        raise ValueError(f"n2 must be a power of two >= n = {n}, got {n2!r}")
+    if isinstance(n2, bool) or not isinstance(n2, int) or n2 != next_power_of_two(n):
+        raise ValueError(f"n2 must be the smallest power of two >= n = {n}, i.e. "
+                         f"{next_power_of_two(n)}, got {n2!r}")  # fmt: skip
 
 
 def _check_sparse_sign(a, cols, signs, l):

@@ -32,6 +32,7 @@ from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
     below_autograd,
+    call,
     define,
     multilinear_jvp,
     register_autograd,
@@ -75,26 +76,27 @@ def sltrain_matmul(x, B, A, values, indices, scale: float, bias=None, path: str 
         scale: the low-rank scale (``alpha / r`` in SLTrain); bias: ``(out,)`` or None;
         path: ``"auto"`` (measured by ``lowrank.dispatch``), ``"rebuild"`` or ``"factored"``.
     """
-    if path not in PATHS:
+    if not isinstance(path, str) or path not in PATHS:
         raise ValueError(f"path must be one of {tuple(PATHS)}, got {path!r}")
-    return _FORWARD(x, B, A, values, indices, float(scale), bias, PATHS[path])
+    scale = check.real("scale", scale)
+    return call(_FORWARD, x, B, A, values, indices, scale, bias, PATHS[path])
 
 
 def sltrain_rebuild(B, A, values, indices, scale: float) -> torch.Tensor:
     """The dense ``scale * B @ A + S`` (``out x in``)."""
-    return _REBUILD(B, A, values, indices, float(scale))
+    return call(_REBUILD, B, A, values, indices, check.real("scale", scale))
 
 
 def sparse_matmul(x, values, indices, rows: int, cols: int, transpose: bool = False):
     """``x @ S.T`` for ``x`` of shape ``(T, cols)``; with ``transpose``, ``x @ S`` for ``x`` of
     shape ``(T, rows)``. ``S`` is ``rows x cols`` with ``values`` at the flat ``indices``."""
-    return _SPARSE(x, values, indices, rows, cols, transpose)
+    return call(_SPARSE, x, values, indices, rows, cols, transpose)
 
 
 def sampled_dot(dy, x, indices) -> torch.Tensor:
     """``(dy.T @ x).view(-1)[indices]`` without forming ``dy.T @ x``; ``dy`` is ``(T, out)``,
     ``x`` is ``(T, in)``."""
-    return _SAMPLED(dy, x, indices)
+    return call(_SAMPLED, dy, x, indices)
 
 
 def choose_path(tokens: int, out: int, inp: int, rank: int, nnz: int) -> str:
@@ -123,17 +125,20 @@ def sltrain_matmul_reference(x, B, A, values, indices, scale, bias=None, path="a
 
 
 def _check(x, B, A, values, indices, bias):
-    ok = (
-        B.dim() == 2 and A.dim() == 2 and values.dim() == 1 and indices.dim() == 1
-        and x.dim() >= 1 and x.dtype in check.FLOATING
-        and x.dtype == B.dtype == A.dtype == values.dtype
-        and indices.dtype in (torch.int32, torch.int64)
-        and x.device == B.device == A.device == values.device == indices.device
-        and B.shape[1] == A.shape[0] and x.shape[-1] == A.shape[1]
-        and values.shape[0] == indices.shape[0]
-        and (bias is None or (bias.shape == (B.shape[0],) and bias.dtype == x.dtype
-                              and bias.device == x.device))
-    )  # fmt: skip
+    try:  # one predicate on the hot path (torch.ops lets None through: no tensor at all)
+        ok = (
+            B.dim() == 2 and A.dim() == 2 and values.dim() == 1 and indices.dim() == 1
+            and x.dim() >= 1 and x.dtype in check.FLOATING
+            and x.dtype == B.dtype == A.dtype == values.dtype
+            and indices.dtype in (torch.int32, torch.int64)
+            and x.device == B.device == A.device == values.device == indices.device
+            and B.shape[1] == A.shape[0] and x.shape[-1] == A.shape[1]
+            and values.shape[0] == indices.shape[0]
+            and (bias is None or (bias.shape == (B.shape[0],) and bias.dtype == x.dtype
+                                  and bias.device == x.device))
+        )  # fmt: skip
+    except (AttributeError, TypeError):
+        ok = False
     if ok:
         return B.shape[0], A.shape[1], B.shape[1]
     for name, t in (("x", x), ("B", B), ("A", A), ("values", values)):
@@ -157,6 +162,7 @@ def _check(x, B, A, values, indices, bias):
 
 
 def _check_support_tensors(values, indices):
+    check.tensor("indices", indices)
     check.ndim("values", values, 1, "(nnz,)")
     check.ndim("indices", indices, 1, "(nnz,)")
     if indices.dtype not in (torch.int32, torch.int64):
@@ -462,6 +468,7 @@ def _backward_kernel(grad, x, B, A, values, indices, scale, path, need_x, need_b
 
 def _check_grad(grad, x, out):
     expected = (*x.shape[:-1], out)
+    check.tensor("grad", grad)
     if not (grad.dtype == x.dtype and grad.device == x.device and tuple(grad.shape) == expected):
         check.floating("grad", grad)
         check.same_dtype(grad=grad, x=x)
