@@ -25,8 +25,9 @@ EXAMPLES = int(os.environ.get("LOWRANK_FUZZ_EXAMPLES", "80"))
 def test_malformed_arguments_never_crash(tmp_path, mode):
     log, results = tmp_path / "cases.log", tmp_path / "findings.json"
     env = {**os.environ, "LOWRANK_DISPATCH": mode, "LOWRANK_CACHE_DIR": ""}
-    run = subprocess.run([sys.executable, str(WORKER), str(log), str(results), str(EXAMPLES)],
-                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    python = [sys.executable, "-S"] if sys.flags.no_site else [sys.executable]  # as this run
+    run = subprocess.run([*python, str(WORKER), str(log), str(results), str(EXAMPLES)], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
     if run.returncode != 0:
         last = log.read_text().splitlines()[-1:] if log.exists() else ["(no case started)"]
         pytest.fail(f"the fuzz worker died (exit {run.returncode}) in {last[0]}\n"
