@@ -119,6 +119,12 @@ class KronLinear(nn.Module):
             return torch.kron(self.a, self.b)
         return sum(torch.kron(self.a[k], self.b[k]) for k in range(self.terms))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` equivalent, computed on access (not a
+        parameter): for code that reads ``module.weight`` of a linear layer."""
+        return self.to_dense()
+
     @classmethod
     def from_dense(
         cls,

@@ -171,6 +171,26 @@ class KronAdapter(nn.Module):
             rows = self.w1_b @ rows
         return rows.reshape(*x.shape[:-1], -1)
 
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight of the adapted layer, ``W + delta_weight()`` (``W`` alone once
+        merged), computed on access: for code that reads ``module.weight``."""
+        if self.merged:
+            return self.base.weight
+        return self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+
+    def to_dense(self) -> torch.Tensor:
+        """The adapted layer's ``(out_features, in_features)`` weight (see :attr:`weight`)."""
+        return self.weight
+
     def delta_weight(self) -> torch.Tensor:
         """The ``(out, in)`` weight change ``scale * kron(w1, w2)`` (formed: for merging)."""
         w1 = self.w1 if self.w1 is not None else self.w1_a @ self.w1_b

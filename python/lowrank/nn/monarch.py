@@ -91,15 +91,32 @@ class MonarchLinear(nn.Module):
         eye = torch.eye(self.padded_in, dtype=self.w1.dtype, device=self.w1.device)
         return monarch_matmul(eye, self.w1, self.w2).T[: self.out_features, : self.in_features]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` equivalent, computed on access (not a
+        parameter): for code that reads ``module.weight`` of a linear layer."""
+        return self.to_dense()
+
     @classmethod
     def from_dense(
-        cls, linear_or_weight: nn.Linear | torch.Tensor, nblocks: int, rank: int = 1
+        cls,
+        linear_or_weight: nn.Linear | torch.Tensor,
+        nblocks: int,
+        rank: int = 1,
+        *,
+        input_scale: torch.Tensor | None = None,
     ) -> MonarchLinear:
         """The closest ``MonarchLinear`` (Frobenius norm) to a Linear or ``(out, in)`` weight.
 
         The weight is zero-padded to multiples of ``nblocks``, projected by
         :func:`lowrank.linalg.monarch_project` and the relative error stored as
         ``projection_error``; a Linear's bias is copied.
+
+        ``input_scale`` (``(in,)``, positive: e.g. the root mean square of each input feature
+        on calibration data) weighs the fit by the inputs, minimising
+        ``||(W - M) diag(input_scale)||_F``: a diagonal weighting keeps the problem a
+        Monarch projection (of ``W diag(d)``; the first factor's columns are then divided
+        by ``d``), where a full input covariance would couple the blocks.
         """
         if isinstance(linear_or_weight, nn.Linear):
             weight, bias = linear_or_weight.weight, linear_or_weight.bias
@@ -114,13 +131,21 @@ class MonarchLinear(nn.Module):
             raise ValueError(f"nblocks = {nblocks} exceeds min(out, in) = {min(out_f, in_f)} of "
                              "the weight: blocks would be pure padding")  # fmt: skip
         b_in, b_out = math.ceil(in_f / nblocks), math.ceil(out_f / nblocks)
+        scale = None
+        if input_scale is not None:
+            scale = check.floating("input_scale", input_scale).detach().to(weight.device)
+            if scale.shape != (in_f,) or not bool((scale > 0).all()):
+                raise ValueError(f"input_scale must be ({in_f},) and positive, got shape "
+                                 f"{tuple(scale.shape)}")  # fmt: skip
+            scale = F.pad(scale.to(weight.dtype), (0, b_in * nblocks - in_f), value=1.0)
         padded = F.pad(weight.detach(), (0, b_in * nblocks - in_f, 0, b_out * nblocks - out_f))
-        fit = monarch_project(padded, nblocks, rank)
+        fit = monarch_project(padded if scale is None else padded * scale, nblocks, rank)
         shapes = (tuple(fit.w1.shape), tuple(fit.w2.shape))
         layer = cls(in_f, out_f, nblocks, bias is not None, device=weight.device,
                     dtype=weight.dtype, factor_shapes=shapes)  # fmt: skip
         with torch.no_grad():
-            layer.w1.copy_(fit.w1)
+            w1 = fit.w1 if scale is None else fit.w1 / scale.reshape(nblocks, 1, b_in)
+            layer.w1.copy_(w1)
             layer.w2.copy_(fit.w2)
             if bias is not None:
                 layer.bias.copy_(bias)

@@ -16,7 +16,6 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.linalg.error import relative_residual
-from lowrank.linalg.rsvd import rsvd
 from lowrank.ops.sltrain import check_support, dense_sparse, sltrain_matmul
 
 
@@ -87,6 +86,12 @@ class SLTrainLinear(nn.Module):
         sparse = dense_sparse(self.values, self.indices, self.out_features, self.in_features)
         return self.scale * self.B @ self.A + sparse
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` equivalent, computed on access (not a
+        parameter): for code that reads ``module.weight`` of a linear layer."""
+        return self.to_dense()
+
     @classmethod
     def from_dense(
         cls,
@@ -95,11 +100,19 @@ class SLTrainLinear(nn.Module):
         sparsity: float = 0.03,
         alpha: float = 32.0,
         seed: int | None = None,
+        *,
+        gram: torch.Tensor | None = None,
     ) -> SLTrainLinear:
-        """``B A`` from a truncated randomized SVD, ``values`` = the residual on the support.
+        """``B A`` from a truncated SVD, ``values`` = the residual on the support.
 
-        The relative error ``||W - W_sltrain||_F / ||W||_F`` is stored as ``projection_error``.
+        With ``gram`` (input statistics of calibration data, see
+        :meth:`lowrank.nn.LowRankLinear.from_dense`) the low-rank part fits the layer's
+        outputs on that data (whitened SVD); the sparse part always takes the residual
+        ``W - s B A`` on its support. The relative error ``||W - W_sltrain||_F / ||W||_F`` is
+        stored as ``projection_error``.
         """
+        from lowrank.nn.lowrank import LowRankLinear
+
         bias = weight.bias if isinstance(weight, nn.Linear) else None
         w = weight.weight if isinstance(weight, nn.Linear) else weight
         check.weight("weight", w)
@@ -107,11 +120,10 @@ class SLTrainLinear(nn.Module):
         layer = cls(in_f, out_f, rank, sparsity, alpha, bias is not None, seed,
                     device=w.device, dtype=w.dtype)  # fmt: skip
         with torch.no_grad():
-            u, s, vh = rsvd(w.detach(), rank, seed=0, n_iter=4)
-            root = s.sqrt()
-            layer.B.copy_(u * root / layer.scale)
-            layer.A.copy_(root[:, None] * vh)
-            residual = w - (u * s) @ vh
+            low = LowRankLinear.from_dense(w.detach(), rank, gram=gram, seed=0)
+            layer.B.copy_(low.B / layer.scale)
+            layer.A.copy_(low.A)
+            residual = w - low.B @ low.A
             layer.values.copy_(residual.reshape(-1)[layer.indices.long()])
             if bias is not None:
                 layer.bias.copy_(bias)

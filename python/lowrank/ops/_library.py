@@ -127,6 +127,34 @@ def register_autograd(
     lib.impl(name, kernel, "Autograd", with_keyset=True)
 
 
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def register_autocast(op: torch._ops.OpOverload, like: int | None = None) -> None:
+    """Under ``torch.autocast``, ``op`` casts its floating tensor arguments to the autocast
+    dtype (as ``F.linear`` does), so float32 master weights meet bfloat16/float16
+    activations. ``like``: the position of an argument written in place, whose dtype the
+    others take instead."""
+    lib, name = _split(op)
+    for device, key in _AUTOCAST_KEYS.items():
+        exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(*args, device=device, exclude=exclude):
+            dtype = args[like].dtype if like is not None else _autocast_dtype(device)
+            cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                    and i != like else a for i, a in enumerate(args)]  # fmt: skip
+            with torch._C._ExcludeDispatchKeyGuard(exclude):
+                return op(*cast)
+
+        lib.impl(name, kernel, key)
+
+
+def _autocast_dtype(device: str) -> torch.dtype:
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device)
+    return torch.get_autocast_cpu_dtype() if device == "cpu" else torch.get_autocast_gpu_dtype()
+
+
 def multilinear_jvp(op: Callable, positions: tuple[int, ...]) -> Callable:
     """The tangent of an op linear in each argument at ``positions`` separately (the
     product rule): the sum, over arguments with a tangent, of the op with that argument
@@ -172,6 +200,15 @@ def register_not_differentiable(op: torch._ops.OpOverload, hint: str = "") -> No
         raise NotImplementedError(message)
 
     register_autograd(op, NotDifferentiable, refuse)
+
+
+def run_below(op: torch._ops.OpOverload, *args):
+    """``op(*args)`` past the autograd kernel (inside ``Function.forward``), as a tensor of
+    its own: autograd forbids modifying in place a custom Function's output that is a view
+    of an intermediate, so an output that is one is copied."""
+    with below_autograd():
+        out = op(*args)
+    return out if out._base is None else out.clone()
 
 
 def below_autograd():

@@ -21,14 +21,15 @@ import torch
 from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
-    below_autograd,
     call,
     define,
     multilinear_jvp,
+    register_autocast,
     register_autograd,
     register_fake,
     register_kernel,
     register_not_differentiable,
+    run_below,
 )
 
 _FORWARD = define("kron_matmul(Tensor x, Tensor a, Tensor b) -> Tensor")
@@ -213,33 +214,35 @@ def _forward_native(x, a, b, base, scale, out=None):
 def _forward_composite(x, a, b, base, scale, out=None):
     """``a X b^T`` per token on torch's GEMMs: one product over all tokens' rows and one
     batched product sharing the factor, the cheaper order first; a residual ``base`` is
-    added by the last product itself (``addmm``/``baddbmm``). With ``out``, in place."""
+    added by the last product itself (``addmm``/``baddbmm``). The result is written into a
+    tensor of the output's shape (so it is no view), or into ``out`` (``base is out``:
+    in place)."""
     (p, q), (r, s) = a.shape, b.shape
     lead = x.shape[:-1]
     tokens = math.prod(lead)
     rows = x.reshape(tokens, q, s)
     alpha = 1.0 if scale is None else scale
-    if out is not None:
-        target = out.view(tokens, p, r)
+    in_place = out is not None
+    result = out if in_place else x.new_empty((*lead, p * r))
     if b_first(p, q, r, s):
         z = (rows.reshape(tokens * q, s) @ b.T).view(tokens, q, r)
-        if out is not None:
-            target.baddbmm_(a.expand(tokens, p, q), z, alpha=alpha)
-            return out
-        if base is None:
-            y = torch.bmm(a.expand(tokens, p, q), z)
+        a_rows, target = a.expand(tokens, p, q), result.view(tokens, p, r)
+        if in_place:
+            target.baddbmm_(a_rows, z, alpha=alpha)
+        elif base is None:
+            torch.bmm(a_rows, z, out=target)
         else:
-            y = torch.baddbmm(base.reshape(tokens, p, r), a.expand(tokens, p, q), z, alpha=alpha)
+            torch.baddbmm(base.reshape(tokens, p, r), a_rows, z, alpha=alpha, out=target)
     else:
         w = torch.bmm(a.expand(tokens, p, q), rows).view(tokens * p, s)
-        if out is not None:
-            target.view(tokens * p, r).addmm_(w, b.T, alpha=alpha)
-            return out
-        if base is None:
-            y = w @ b.T
+        target = result.view(tokens * p, r)
+        if in_place:
+            target.addmm_(w, b.T, alpha=alpha)
+        elif base is None:
+            torch.mm(w, b.T, out=target)
         else:
-            y = torch.addmm(base.reshape(tokens * p, r), w, b.T, alpha=alpha)
-    return y.reshape(*lead, p * r)
+            torch.addmm(base.reshape(tokens * p, r), w, b.T, alpha=alpha, out=target)
+    return result
 
 
 def _static_forward(x, *args):
@@ -417,8 +420,7 @@ def _grads(grad, x, a, b, scale, needs):
 class _KronMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b):
-        with below_autograd():
-            y = _FORWARD(x, a, b)
+        y = run_below(_FORWARD, x, a, b)
         ctx.save_for_backward(x, a, b)
         return y
 
@@ -432,8 +434,7 @@ class _KronMatmul(torch.autograd.Function):
 class _KronMatmulAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, x, a, b, scale=1.0):
-        with below_autograd():
-            y = _ADD(base, x, a, b, scale)
+        y = run_below(_ADD, base, x, a, b, scale)
         ctx.save_for_backward(x, a, b)
         ctx.scale = scale
         return y
@@ -472,3 +473,6 @@ register_autograd(_FORWARD, _KronMatmul, multilinear_jvp(_FORWARD, (0, 1, 2)))
 register_autograd(_ADD, _KronMatmulAdd, _add_jvp)
 register_autograd(_ADD_INPLACE, _KronMatmulAddInplace)
 register_not_differentiable(_BACKWARD, "double backward through kron_matmul is not supported")
+register_autocast(_FORWARD)
+register_autocast(_ADD)
+register_autocast(_ADD_INPLACE, like=0)

@@ -26,14 +26,15 @@ import torch
 from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
-    below_autograd,
     call,
     define,
     multilinear_jvp,
+    register_autocast,
     register_autograd,
     register_fake,
     register_kernel,
     register_not_differentiable,
+    run_below,
 )
 
 _FORWARD = define("monarch_matmul(Tensor x, Tensor w1, Tensor w2) -> Tensor")
@@ -162,7 +163,9 @@ def _composite_forward(x, w1, w2):
     ht = torch.bmm(w1, x.reshape(tokens, k, p).permute(1, 2, 0))  # (k, q, T) = h^T
     y = x.new_empty((tokens, l, s))
     torch.bmm(ht.view(r, l, tokens).permute(1, 2, 0), w2.transpose(1, 2), out=y.transpose(0, 1))
-    return y.transpose(1, 2).reshape(*batch, s * l)
+    result = x.new_empty((*batch, s * l))  # a fresh tensor (no view) in the output's shape
+    result.view(tokens, s, l).copy_(y.transpose(1, 2))
+    return result
 
 
 def _composite_backward(grad, x, w1, w2, need_x, need_w1, need_w2):
@@ -298,8 +301,7 @@ def _backward_fake(grad, x, w1, w2, need_x, need_w1, need_w2):
 class _MonarchMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2):
-        with below_autograd():
-            y = _FORWARD(x, w1, w2)
+        y = run_below(_FORWARD, x, w1, w2)
         ctx.save_for_backward(x, w1, w2)  # the intermediate is recomputed, never saved
         return y
 
@@ -314,3 +316,4 @@ class _MonarchMatmul(torch.autograd.Function):
 
 register_autograd(_FORWARD, _MonarchMatmul, multilinear_jvp(_FORWARD, (0, 1, 2)))
 register_not_differentiable(_BACKWARD, "double backward through monarch_matmul is not supported")
+register_autocast(_FORWARD)

@@ -24,13 +24,13 @@ import torch
 from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
-    below_autograd,
     call,
     define,
     multilinear_jvp,
     register_autograd,
     register_fake,
     register_kernel,
+    run_below,
 )
 
 NORMAL, SIGN, UNIFORM = 0, 1, 2
@@ -314,8 +314,7 @@ class _Srht(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, signs, cols, n2, scale):
-        with below_autograd():
-            y = _SRHT(a, signs, cols, n2, scale)
+        y = run_below(_SRHT, a, signs, cols, n2, scale)
         ctx.save_for_backward(a, signs, cols)
         ctx.scale = scale
         return y
@@ -335,8 +334,7 @@ class _SparseSign(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, cols, signs, l):
-        with below_autograd():
-            y = _SPARSE_SIGN(a, cols, signs, l)
+        y = run_below(_SPARSE_SIGN, a, cols, signs, l)
         ctx.save_for_backward(a, cols, signs)
         ctx.l = l
         return y

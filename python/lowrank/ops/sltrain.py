@@ -31,14 +31,15 @@ import torch
 from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
-    below_autograd,
     call,
     define,
     multilinear_jvp,
+    register_autocast,
     register_autograd,
     register_fake,
     register_kernel,
     register_not_differentiable,
+    run_below,
 )
 
 PATHS = {"auto": 0, "rebuild": 1, "factored": 2}
@@ -353,18 +354,25 @@ def _native_unavailable(x, *args):
 # ---- the product, both paths, both kinds ------------------------------------------------------
 
 
+# The forward implementations write into ``out`` (the ``(tokens, out)`` view of the op's
+# result), so the op returns a fresh tensor and never a view of an intermediate.
+
+
 def _forward_rebuild(rebuild):
-    def run(rows, B, A, values, indices, scale, bias):
-        return torch.nn.functional.linear(rows, rebuild(B, A, values, indices, scale), bias)
+    def run(rows, B, A, values, indices, scale, bias, out):
+        w = rebuild(B, A, values, indices, scale)
+        if bias is None:
+            return torch.mm(rows, w.T, out=out)
+        return torch.addmm(bias, rows, w.T, out=out)
 
     return run
 
 
 def _forward_factored(sparse):
-    def run(rows, B, A, values, indices, scale, bias):
-        y = torch.addmm(sparse(rows, values, indices, B.shape[0], A.shape[1], False),
-                        rows @ A.T, B.T, alpha=scale)  # fmt: skip
-        return y if bias is None else y.add_(bias)
+    def run(rows, B, A, values, indices, scale, bias, out):
+        sparse_part = sparse(rows, values, indices, B.shape[0], A.shape[1], False)
+        torch.addmm(sparse_part, rows @ A.T, B.T, alpha=scale, out=out)
+        return out if bias is None else out.add_(bias)
 
     return run
 
@@ -401,6 +409,7 @@ def _backward_factored(sparse, sampled):
 
 
 _CUDA_ATOMICS = frozenset({"cuda"})
+# Token-major arguments: the rows (0) and the output buffer (7).
 _forward_dispatch = dispatch.Dispatcher("sltrain_matmul", (
     dispatch.Impl("rebuild-native", dispatch.NATIVE, _forward_rebuild(_rebuild_native),
                   _native_unavailable),
@@ -408,7 +417,7 @@ _forward_dispatch = dispatch.Dispatcher("sltrain_matmul", (
     dispatch.Impl("factored-native", dispatch.NATIVE, _forward_factored(_sparse_native),
                   _native_unavailable, _CUDA_ATOMICS),
     dispatch.Impl("factored-composite", dispatch.COMPOSITE, _forward_factored(_sparse_composite)),
-), _static_forward, (0,))  # fmt: skip
+), _static_forward, (0, 7))  # fmt: skip
 _backward_dispatch = dispatch.Dispatcher("sltrain_matmul_backward", (
     dispatch.Impl("rebuild-native", dispatch.NATIVE, _backward_rebuild(_rebuild_native),
                   _native_unavailable),
@@ -445,11 +454,13 @@ def _key(x, tokens, out, inp, rank, nnz):
 def _forward_kernel(x, B, A, values, indices, scale, bias=None, path=0):
     out, inp, rank = _check(x, B, A, values, indices, bias)
     check_support(indices, out, inp)
-    rows = x.reshape(math.prod(x.shape[:-1]), inp)
-    key = (*_key(x, rows.shape[0], out, inp, rank, values.numel()), bias is not None, path)
-    y = _forward_dispatch(key, rows, rows, B, A, values, indices, scale, bias,
-                          names=_PATH_NAMES.get(path))  # fmt: skip
-    return y.reshape(*x.shape[:-1], out)
+    tokens = math.prod(x.shape[:-1])
+    rows = x.reshape(tokens, inp)
+    result = x.new_empty((*x.shape[:-1], out))
+    key = (*_key(x, tokens, out, inp, rank, values.numel()), bias is not None, path)
+    _forward_dispatch(key, rows, rows, B, A, values, indices, scale, bias,
+                      result.view(tokens, out), names=_PATH_NAMES.get(path))  # fmt: skip
+    return result
 
 
 def _backward_kernel(grad, x, B, A, values, indices, scale, path, need_x, need_b, need_a, need_v):
@@ -579,8 +590,7 @@ def _sampled_fake(dy, x, indices):
 class _SLTrainMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, B, A, values, indices, scale, bias=None, path=0):
-        with below_autograd():
-            y = _FORWARD(x, B, A, values, indices, scale, bias, path)
+        y = run_below(_FORWARD, x, B, A, values, indices, scale, bias, path)
         ctx.save_for_backward(x, B, A, values, indices)
         ctx.scale, ctx.path, ctx.has_bias = scale, path, bias is not None
         return y
@@ -623,6 +633,7 @@ def _jvp(primals, tangents):
 
 register_autograd(_FORWARD, _SLTrainMatmul, _jvp)
 register_not_differentiable(_BACKWARD, "double backward through sltrain_matmul is not supported")
+register_autocast(_FORWARD)
 
 
 # ---- the primitives are differentiable too: each is linear in its float arguments ----------
@@ -633,8 +644,7 @@ class _Rebuild(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, B, A, values, indices, scale):
-        with below_autograd():
-            w = _REBUILD(B, A, values, indices, scale)
+        w = run_below(_REBUILD, B, A, values, indices, scale)
         ctx.save_for_backward(B, A, indices)
         ctx.scale = scale
         return w
@@ -669,8 +679,7 @@ class _Sparse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, indices, rows, cols, transpose):
-        with below_autograd():
-            y = _SPARSE(x, values, indices, rows, cols, transpose)
+        y = run_below(_SPARSE, x, values, indices, rows, cols, transpose)
         ctx.save_for_backward(x, values, indices)
         ctx.shape = (rows, cols, transpose)
         return y
@@ -694,8 +703,7 @@ class _Sampled(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dy, x, indices):
-        with below_autograd():
-            g = _SAMPLED(dy, x, indices)
+        g = run_below(_SAMPLED, dy, x, indices)
         ctx.save_for_backward(dy, x, indices)
         return g
 

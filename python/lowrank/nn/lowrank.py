@@ -1,0 +1,227 @@
+"""``LowRankLinear``: a linear layer whose weight is a product of two thin factors.
+
+``y = x A^T B^T + bias`` with ``B`` (``out x rank``) and ``A`` (``rank x in``):
+``rank * (in + out)`` parameters instead of ``in * out``, and ``rank * (in + out)``
+multiply-adds per token. The product ``B A`` is never formed, forward or backward.
+
+From a dense layer (:meth:`LowRankLinear.from_dense`): the truncated SVD
+``W ~ U S V^T`` by :func:`lowrank.linalg.rsvd`, balanced between the factors
+(``B = U sqrt(S)``, ``A = sqrt(S) V^T``), which minimises ``||W - B A||_F``. Given the
+input statistics ``G = sum_t x_t x_t^T`` of calibration data, the factors minimise the
+error of the layer's *outputs* on that data instead, ``||(W - B A) X||_F``: the SVD of
+the whitened weight ``W L`` (``G = L L^T``, Cholesky) truncated and mapped back,
+``B A = [W L]_k L^{-1}`` (the truncation-aware whitening of SVD-LLM, Wang et al. 2024),
+which is optimal for that objective.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank import _validate as check
+from lowrank.linalg.error import relative_residual
+from lowrank.linalg.rsvd import rsvd
+
+
+class LowRankLinear(nn.Module):
+    """``y = x @ (B @ A).T + bias``, ``B``: ``(out_features, rank)``, ``A``: ``(rank, in_features)``.
+
+    Initialisation matches ``nn.Linear``'s output variance: ``A`` uniform with variance
+    ``1 / in_features`` (so ``x A^T`` keeps the input's scale) and ``B`` uniform with
+    variance ``1 / (3 rank)``, giving ``B A`` the variance ``1 / (3 in_features)`` of
+    ``nn.Linear``'s weight.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check.positive_int("in_features", in_features)
+        self.out_features = check.positive_int("out_features", out_features)
+        self.rank = check.positive_int("rank", rank)
+        if rank > min(in_features, out_features):
+            raise ValueError(f"rank must be at most min(in_features, out_features) = "
+                             f"{min(in_features, out_features)}, got {rank}")  # fmt: skip
+        kw = {"device": device, "dtype": dtype}
+        self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.projection_error: float | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        a = math.sqrt(3.0 / self.in_features)
+        b = math.sqrt(1.0 / self.rank)
+        nn.init.uniform_(self.A, -a, a)
+        nn.init.uniform_(self.B, -b, b)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check.layer_input(x, self.in_features, self.A.dtype)
+        return F.linear(F.linear(x, self.A), self.B, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight ``B A``."""
+        return self.B @ self.A
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense equivalent ``B A``, computed on access (not a parameter)."""
+        return self.to_dense()
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear_or_weight: nn.Linear | torch.Tensor,
+        rank: int | None = None,
+        *,
+        tol: float | None = None,
+        gram: torch.Tensor | None = None,
+        seed: int | None = None,
+    ) -> LowRankLinear:
+        """The rank-``rank`` (or the smallest rank within ``tol``) layer closest to a dense one.
+
+        Args:
+            linear_or_weight: an ``nn.Linear`` (its bias is copied) or an ``(out, in)`` weight.
+            rank: the rank; or
+            tol: the smallest rank whose relative error ``||W - B A||_F / ||W||_F`` (or, with
+                ``gram``, the relative error of the outputs on the calibration data) is at
+                most ``tol``.
+            gram: ``(in, in)`` input statistics ``sum_t x_t x_t^T`` of calibration data: fit
+                the outputs on that data instead of the weight (module docstring).
+            seed: for the randomized SVD (default 0, so conversions are reproducible).
+
+        The relative error achieved is stored as ``projection_error`` (of the outputs on the
+        calibration data when ``gram`` is given).
+        """
+        weight, bias = _dense(linear_or_weight)
+        if (rank is None) == (tol is None):
+            raise ValueError("give exactly one of rank and tol")
+        if rank is not None:
+            rank = check.positive_int("rank", rank)
+            if rank > min(weight.shape):
+                raise ValueError(f"rank must be at most min(out, in) = {min(weight.shape)}, "
+                                 f"got {rank}")  # fmt: skip
+        else:
+            tol = check.real("tol", tol, 0.0, 1.0)
+        seed = 0 if seed is None else seed
+        with torch.no_grad():
+            work = weight.detach().double() if weight.dtype != torch.float64 else weight.detach()
+            whitener = None
+            if gram is not None:
+                whitener = _whitener(gram, weight.shape[1], weight.device)
+                target = work @ whitener.factor
+            else:
+                target = work
+            u, s, vh = _truncated_svd(target, rank, tol, seed)
+            root = s.sqrt()
+            b = u * root
+            a = root[:, None] * vh
+            if whitener is not None:
+                a = whitener.unwhiten(a)  # (sqrt(S) V^T) L^{-1}
+            layer = cls(weight.shape[1], weight.shape[0], s.shape[0], bias is not None,
+                        device=weight.device, dtype=weight.dtype)  # fmt: skip
+            layer.A.copy_(a)
+            layer.B.copy_(b)
+            if bias is not None:
+                layer.bias.copy_(bias)
+            approx = b @ a
+            if whitener is None:
+                layer.projection_error = relative_residual(work, approx)
+            else:
+                layer.projection_error = relative_residual(target, approx @ whitener.factor)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.bias is not None}"
+        )
+
+    def get_extra_state(self):
+        return {"projection_error": self.projection_error}
+
+    def set_extra_state(self, state) -> None:
+        self.projection_error = state.get("projection_error") if isinstance(state, dict) else None
+
+
+def _dense(linear_or_weight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(linear_or_weight, nn.Linear):
+        weight, bias = linear_or_weight.weight, linear_or_weight.bias
+    elif isinstance(linear_or_weight, torch.Tensor):
+        weight, bias = linear_or_weight, None
+    else:
+        raise TypeError("linear_or_weight must be an nn.Linear or an (out, in) tensor, got "
+                        f"{type(linear_or_weight).__name__}")  # fmt: skip
+    check.weight("weight", weight)
+    return weight, bias
+
+
+class Whitener:
+    """``G = L L^T`` for input statistics ``G`` (float64, damped until Cholesky succeeds):
+    ``W L`` weighs a weight's error by the data, ``M L^{-1}`` maps a fit back."""
+
+    def __init__(self, factor: torch.Tensor):
+        self.factor = factor
+
+    def unwhiten(self, m: torch.Tensor) -> torch.Tensor:
+        """``m L^{-1}`` for ``m`` of shape ``(k, in)``."""
+        return torch.linalg.solve_triangular(self.factor, m, upper=False, left=False)
+
+
+def _whitener(gram: torch.Tensor, inp: int, device) -> Whitener:
+    check.floating("gram", gram)
+    if gram.shape != (inp, inp):
+        raise ValueError(f"gram must be the ({inp}, {inp}) input statistics, got "
+                         f"{tuple(gram.shape)}")  # fmt: skip
+    g = gram.detach().to(device=device, dtype=torch.float64)
+    g = (g + g.T) / 2
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("gram contains NaN or Inf")
+    return Whitener(cholesky_damped(g))
+
+
+def cholesky_damped(g: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a symmetric PSD ``g``, adding ``1e-6``, ``1e-5``, ... times its
+    mean diagonal until the factorisation succeeds (activations are often rank-deficient:
+    dead or duplicated features)."""
+    n = g.shape[-1]
+    scale = float(g.diagonal().mean()) if n else 1.0
+    scale = scale if scale > 0 else 1.0
+    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    damping = 0.0
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(g + damping * scale * eye)
+        if int(info) == 0:
+            return factor
+        damping = 1e-6 if damping == 0.0 else damping * 10
+    raise ValueError("the input statistics are not positive semi-definite")
+
+
+def _truncated_svd(target: torch.Tensor, rank: int | None, tol: float | None, seed: int):
+    """Top singular triplets of ``target``: ``rank`` of them, or the fewest within ``tol``."""
+    small = min(target.shape)
+    if tol is not None:
+        u, s, vh = torch.linalg.svd(target, full_matrices=False)
+        tail = s.square().flip(0).cumsum(0).flip(0)  # tail[k] = sum_{i >= k} s_i^2
+        total = float(tail[0]) if tail.numel() else 0.0
+        keep = [k for k in range(1, small + 1)
+                if (float(tail[k]) if k < small else 0.0) <= tol * tol * total]  # fmt: skip
+        rank = keep[0] if keep else small
+        return u[:, :rank], s[:rank], vh[:rank]
+    if rank + 10 < small // 2:
+        return rsvd(target, rank, seed=seed, n_iter=4)
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
