@@ -107,9 +107,11 @@ class ConversionReport:
                          f"{r.seconds:6.2f} {r.note}")  # fmt: skip
         for r in self.skipped:
             lines.append(f"{r.name[-48:]:48s} skipped: {r.note}")
-        lines.append(f"total: {self.params_before} -> {self.params_after} parameters "
-                     f"({100 * self.ratio:.1f}%) in {len(self.layers)} layers, "
-                     f"{self.seconds:.1f} s (calibration {self.calibration_seconds:.1f} s)")  # fmt: skip
+        lines.append(
+            f"total: {self.params_before} -> {self.params_after} parameters "
+            f"({100 * self.ratio:.1f}%) in {len(self.layers)} layers, "
+            f"{self.seconds:.1f} s (calibration {self.calibration_seconds:.1f} s)"
+        )
         return "\n".join(lines)
 
 
@@ -156,8 +158,10 @@ def _targets(model: nn.Module, filter, report: ConversionReport):
         sharers = [o for o in owners.get(id(linear.weight), []) if o not in linear_weights]
         if sharers:
             out, inp = linear.weight.shape
-            report.skipped.append(LayerReport(names[0], report.kind, (out, inp), _count(linear),
-                                              _count(linear), note=f"weight tied to {sharers[0]}"))  # fmt: skip
+            count = _count(linear)
+            note = f"weight tied to {sharers[0]}"
+            report.skipped.append(LayerReport(names[0], report.kind, (out, inp), count, count,
+                                              note=note))  # fmt: skip
             continue
         targets.append((names, linear))
     return targets

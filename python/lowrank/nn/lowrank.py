@@ -28,7 +28,7 @@ from lowrank.linalg.rsvd import rsvd
 
 
 class LowRankLinear(nn.Module):
-    """``y = x @ (B @ A).T + bias``, ``B``: ``(out_features, rank)``, ``A``: ``(rank, in_features)``.
+    """``y = x @ (B @ A).T + bias`` with ``B`` ``(out_features, rank)``, ``A`` ``(rank, in)``.
 
     Initialisation matches ``nn.Linear``'s output variance: ``A`` uniform with variance
     ``1 / in_features`` (so ``x A^T`` keeps the input's scale) and ``B`` uniform with
