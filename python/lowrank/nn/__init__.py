@@ -1,5 +1,6 @@
 """``torch.nn`` layers built on lowrank's ops, and whole-model conversion."""
 
+from lowrank.nn import calibration, checkpoints
 from lowrank.nn.convert import ConversionReport, LayerReport, convert, unconvert
 from lowrank.nn.kron import KronLinear
 from lowrank.nn.kron_adapter import KronAdapter
@@ -15,6 +16,8 @@ __all__ = [
     "LowRankLinear",
     "MonarchLinear",
     "SLTrainLinear",
+    "calibration",
+    "checkpoints",
     "convert",
     "unconvert",
 ]

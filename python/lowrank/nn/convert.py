@@ -139,8 +139,9 @@ def _check_filter(filter) -> None:
 
 def _targets(model: nn.Module, filter, report: ConversionReport):
     """``[(names, linear)]``: each targeted linear once, with every name it is reachable by
-    (a module shared by two parents is converted once). Linears whose weight is tied to a
-    parameter outside the targeted linears are skipped with the reason."""
+    (a module shared by two parents is converted once and stays shared). A linear whose
+    weight is tied to another module (an embedding, or another linear with its own bias)
+    is skipped with the reason: converting it would untie the two."""
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
@@ -153,9 +154,9 @@ def _targets(model: nn.Module, filter, report: ConversionReport):
             continue
         groups.setdefault(id(module), ([], module))[0].append(name)
     targets = []
-    linear_weights = {f"{n}.weight" for names, _ in groups.values() for n in names}
     for names, linear in groups.values():
-        sharers = [o for o in owners.get(id(linear.weight), []) if o not in linear_weights]
+        own = {f"{n}.weight" for n in names}
+        sharers = [o for o in owners.get(id(linear.weight), []) if o not in own]
         if sharers:
             out, inp = linear.weight.shape
             count = _count(linear)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowrank import _validate as check
+from lowrank.nn._base import StructuredLinear
 from lowrank.linalg.kronecker import nearest_kronecker
 from lowrank.ops.kron import kron_matmul, kron_matmul_add
 
@@ -49,7 +50,7 @@ def _factor_shapes(in_features, out_features, factors):
     return (p, q), (r, s)
 
 
-class KronLinear(nn.Module):
+class KronLinear(StructuredLinear):
     """``y = x @ W.T + bias`` with ``W = kron(a, b)`` (or ``sum_k kron(a[k], b[k])``).
 
     Args:
@@ -118,12 +119,6 @@ class KronLinear(nn.Module):
         if self.terms == 1:
             return torch.kron(self.a, self.b)
         return sum(torch.kron(self.a[k], self.b[k]) for k in range(self.terms))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` equivalent, computed on access (not a
-        parameter): for code that reads ``module.weight`` of a linear layer."""
-        return self.to_dense()
 
     @classmethod
     def from_dense(

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lowrank import _validate as check
+from lowrank.nn._base import OptionalExtraState
 from lowrank.ops.kron import kron_matmul_add, kron_matmul_add_
 
 _FACTOR_NAMES = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
@@ -66,7 +67,7 @@ def lokr_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
-class KronAdapter(nn.Module):
+class KronAdapter(OptionalExtraState):
     """Kronecker adapter around a frozen ``nn.Linear``.
 
     Args:
@@ -233,6 +234,15 @@ class KronAdapter(nn.Module):
             raise RuntimeError("KronAdapter.unmerge: the adapter is not merged")
         self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
         self.merged = False
+
+    def get_extra_state(self) -> dict:
+        return {"merged": self.merged}
+
+    def set_extra_state(self, state) -> None:
+        # A merged adapter's state dict holds the merged base weight: loading it must not
+        # add the change a second time.
+        if isinstance(state, dict):
+            self.merged = bool(state.get("merged", False))
 
     # ---- PEFT interoperability ---------------------------------------------------------------
 

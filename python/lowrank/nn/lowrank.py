@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank import _validate as check
+from lowrank.nn._base import StructuredLinear
 from lowrank.linalg.error import relative_residual
 from lowrank.linalg.rsvd import rsvd
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(StructuredLinear):
     """``y = x @ (B @ A).T + bias`` with ``B`` ``(out_features, rank)``, ``A`` ``(rank, in)``.
 
     Initialisation matches ``nn.Linear``'s output variance: ``A`` uniform with variance
@@ -56,7 +57,6 @@ class LowRankLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        self.projection_error: float | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -75,11 +75,6 @@ class LowRankLinear(nn.Module):
     def to_dense(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight ``B A``."""
         return self.B @ self.A
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense equivalent ``B A``, computed on access (not a parameter)."""
-        return self.to_dense()
 
     @classmethod
     def from_dense(
@@ -149,12 +144,6 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, bias={self.bias is not None}"
         )
-
-    def get_extra_state(self):
-        return {"projection_error": self.projection_error}
-
-    def set_extra_state(self, state) -> None:
-        self.projection_error = state.get("projection_error") if isinstance(state, dict) else None
 
 
 def _dense(linear_or_weight) -> tuple[torch.Tensor, torch.Tensor | None]:

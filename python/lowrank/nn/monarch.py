@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank import _validate as check
+from lowrank.nn._base import StructuredLinear
 from lowrank.linalg.monarch import monarch_project
 from lowrank.ops.monarch import monarch_matmul
 
 
-class MonarchLinear(nn.Module):
+class MonarchLinear(StructuredLinear):
     """``y = M x + bias`` with ``M = P_out blockdiag(w2) P blockdiag(w1)`` (see ops.monarch)."""
 
     def __init__(
@@ -90,12 +91,6 @@ class MonarchLinear(nn.Module):
         """The ``(out_features, in_features)`` weight."""
         eye = torch.eye(self.padded_in, dtype=self.w1.dtype, device=self.w1.device)
         return monarch_matmul(eye, self.w1, self.w2).T[: self.out_features, : self.in_features]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` equivalent, computed on access (not a
-        parameter): for code that reads ``module.weight`` of a linear layer."""
-        return self.to_dense()
 
     @classmethod
     def from_dense(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lowrank import _validate as check
+from lowrank.nn._base import StructuredLinear
 from lowrank.linalg.error import relative_residual
 from lowrank.ops.sltrain import check_support, dense_sparse, sltrain_matmul
 
@@ -31,7 +32,7 @@ def random_support(out: int, inp: int, sparsity: float, seed: int | None, device
     return torch.sort(chosen).values.to(dtype=dtype, device=device)
 
 
-class SLTrainLinear(nn.Module):
+class SLTrainLinear(StructuredLinear):
     """``y = x @ (scale * B A + S).T + bias`` (see module docstring)."""
 
     def __init__(
@@ -85,12 +86,6 @@ class SLTrainLinear(nn.Module):
         """The ``(out_features, in_features)`` weight."""
         sparse = dense_sparse(self.values, self.indices, self.out_features, self.in_features)
         return self.scale * self.B @ self.A + sparse
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` equivalent, computed on access (not a
-        parameter): for code that reads ``module.weight`` of a linear layer."""
-        return self.to_dense()
 
     @classmethod
     def from_dense(
@@ -150,12 +145,25 @@ class SLTrainLinear(nn.Module):
             f"nnz={self.indices.numel()}, scale={self.scale:g}, bias={self.bias is not None}"
         )
 
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "alpha": self.alpha}
+
+    def set_extra_state(self, state) -> None:
+        super().set_extra_state(state)
+        if isinstance(state, dict) and state.get("alpha") is not None:
+            self.alpha = float(state["alpha"])  # the checkpoint's scale defines its function
+            self.scale = self.alpha / self.rank
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint may carry another support: it is checked first. With as many
+        nonzeros as this layer, the support and values are copied into the existing
+        tensors, so an optimizer built on this layer keeps updating its ``values``; with
+        another count the ``values`` parameter has to be replaced."""
         key = prefix + "indices"
-        if key in state_dict:  # a checkpoint may carry another support (and nnz)
-            check_support(state_dict[key], self.out_features, self.in_features)
-            self.values = nn.Parameter(
-                torch.empty(state_dict[key].numel(), dtype=self.A.dtype, device=self.A.device)
-            )
-            self.indices = state_dict[key].to(self.A.device)
+        if key in state_dict:
+            indices = state_dict[key]
+            check_support(indices, self.out_features, self.in_features)
+            if indices.numel() != self.indices.numel():
+                self.values = nn.Parameter(self.values.new_empty(indices.numel()))
+                self.indices = indices.to(self.indices.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,48 @@
+"""What every structured layer shares with ``nn.Linear`` for the code around it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class OptionalExtraState(nn.Module):
+    """A module whose ``_extra_state`` (small Python state kept in the state dict) may be
+    missing from a checkpoint without failing a strict load: checkpoints written before
+    it existed, or by other implementations, load as they are."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+        key = prefix + "_extra_state"
+        if key in missing_keys and key not in state_dict:
+            missing_keys.remove(key)
+
+
+class StructuredLinear(OptionalExtraState):
+    """Base of the structured layers: ``in_features`` and ``out_features`` (set by the
+    subclass), a read-only :attr:`weight` giving the dense equivalent, and the
+    ``projection_error`` of ``from_dense``, which travels with the state dict."""
+
+    in_features: int
+    out_features: int
+    projection_error: float | None = None
+
+    def to_dense(self) -> torch.Tensor:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` equivalent, computed on access (not a
+        parameter): for code that reads ``module.weight`` of a linear layer."""
+        return self.to_dense()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"projection_error": self.projection_error}
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.projection_error = state.get("projection_error")
