@@ -13,7 +13,12 @@ import lowrank
 from lowrank import _native, dispatch
 from lowrank.nn import KronLinear
 from lowrank.nn.kron import near_square_factors
-from lowrank.ops import kron_matmul, kron_matmul_reference
+from lowrank.ops import (
+    kron_matmul,
+    kron_matmul_reference,
+    kron_sum_matmul,
+    kron_sum_matmul_reference,
+)
 
 factor = st.integers(1, 9)
 batch_shape = st.lists(st.integers(0, 4), min_size=0, max_size=3)
@@ -242,6 +247,61 @@ def test_compile_fullgraph():
     assert relative_error(y, layer(x)) <= 1e-6
     y.sum().backward()
     assert x.grad is not None and layer.a.grad is not None
+
+
+SUM_IMPLS = ["terms", "batched", "rebuild"]
+
+
+@pytest.mark.parametrize("impl", SUM_IMPLS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch, terms, p, q, r, s", [
+    ((3, 5), 4, 3, 6, 2, 4), ((0,), 2, 2, 2, 2, 2), ((7,), 9, 1, 5, 8, 1),
+])  # fmt: skip
+def test_kron_sum_matches_definition(impl, device, batch, terms, p, q, r, s):
+    x = torch.randn(*batch, q * s, dtype=torch.float64, device=device, requires_grad=True)
+    a = torch.randn(terms, p, q, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(terms, r, s, dtype=torch.float64, device=device, requires_grad=True)
+    ref = kron_sum_matmul_reference(x, a, b)
+    with dispatch.force("auto"):
+        y = _kron_sum_dispatch(impl, x, a, b)
+    assert y.shape == (*batch, p * r)
+    assert relative_error(y, ref) <= 1e-12 or ref.numel() == 0
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, (x, a, b), g)
+    expected = torch.autograd.grad(ref, (x, a, b), g)
+    for got, want in zip(grads, expected):
+        assert relative_error(got, want) <= 1e-12 or want.abs().max() == 0
+
+
+def _kron_sum_dispatch(impl, x, a, b):
+    from lowrank.ops import kron as kron_ops
+
+    key = (x.dtype, dispatch.bucket(x.shape[:-1].numel()), *a.shape, *b.shape[1:])
+    return kron_ops._sum_dispatch(key, x, x, a, b, names=(impl,))
+
+
+def test_kron_sum_public_call_and_errors():
+    x, a, b = torch.randn(4, 12), torch.randn(3, 2, 3), torch.randn(3, 5, 4)
+    assert relative_error(kron_sum_matmul(x, a, b), kron_sum_matmul_reference(x, a, b)) <= 1e-5
+    assert relative_error(kron_sum_matmul(x, a[:1], b[:1]), kron_matmul(x, a[0], b[0])) <= 1e-6
+    with pytest.raises(ValueError, match="same K"):
+        kron_sum_matmul(x, a, b[:2])
+    with pytest.raises(ValueError, match="same K"):
+        kron_sum_matmul(x, a[0], b[0])
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., 12\)"):
+        kron_sum_matmul(torch.randn(4, 11), a, b)
+    with pytest.raises(TypeError):
+        kron_sum_matmul(x.double(), a, b)
+    with pytest.raises(TypeError):
+        kron_sum_matmul(x, a.tolist(), b)
+
+
+def test_kron_linear_terms_matches_dense():
+    layer = KronLinear(24, 20, terms=5, dtype=torch.float64)
+    x = torch.randn(6, 24, dtype=torch.float64)
+    dense_weight = sum(torch.kron(layer.a[k], layer.b[k]) for k in range(5))
+    assert relative_error(layer.to_dense(), dense_weight) <= 1e-14
+    assert relative_error(layer(x), F.linear(x, dense_weight, layer.bias)) <= 1e-12
 
 
 def test_info():

@@ -4,8 +4,9 @@ A weight of shape ``(out, in) = (p*r, q*s)`` stored as ``a`` ``(p, q)`` and
 ``b`` ``(r, s)`` holds ``p*q + r*s`` parameters instead of ``p*q*r*s`` and is
 applied by :func:`lowrank.ops.kron_matmul` without forming it. With
 ``terms=n`` the weight is ``sum_k kron(a[k], b[k])``, the parameterised
-hypercomplex (PHM) layer of Compacter (Mahabadi et al. 2021); the terms are
-accumulated by :func:`lowrank.ops.kron_matmul_add`, with no temporaries.
+hypercomplex (PHM) layer of Compacter (Mahabadi et al. 2021), applied by
+:func:`lowrank.ops.kron_sum_matmul` (per term, in two GEMMs for all terms, or through
+the dense weight, whichever measures fastest for the shape).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch
 from torch import nn
 
 from lowrank import _validate as check
-from lowrank.nn._base import StructuredLinear
 from lowrank.linalg.kronecker import nearest_kronecker
-from lowrank.ops.kron import kron_matmul, kron_matmul_add
+from lowrank.nn._base import StructuredLinear
+from lowrank.ops.kron import kron_matmul, kron_sum_dense, kron_sum_matmul
 
 
 def near_square_factors(n: int) -> tuple[int, int]:
@@ -109,16 +110,14 @@ class KronLinear(StructuredLinear):
         if self.terms == 1:
             y = kron_matmul(x, self.a, self.b)
         else:
-            y = kron_matmul(x, self.a[0], self.b[0])
-            for k in range(1, self.terms):
-                y = kron_matmul_add(y, x, self.a[k], self.b[k])
+            y = kron_sum_matmul(x, self.a, self.b)
         return y if self.bias is None else y.add_(self.bias)
 
     def to_dense(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight."""
         if self.terms == 1:
             return torch.kron(self.a, self.b)
-        return sum(torch.kron(self.a[k], self.b[k]) for k in range(self.terms))
+        return kron_sum_dense(self.a, self.b)
 
     @classmethod
     def from_dense(

@@ -5,7 +5,8 @@
 multiply-adds per token. The product ``B A`` is never formed, forward or backward.
 
 From a dense layer (:meth:`LowRankLinear.from_dense`): the truncated SVD
-``W ~ U S V^T`` by :func:`lowrank.linalg.rsvd`, balanced between the factors
+``W ~ U S V^T`` (exact up to ``min(out, in) = 1024``, above that by
+:func:`lowrank.linalg.rsvd` with four power iterations), balanced between the factors
 (``B = U sqrt(S)``, ``A = sqrt(S) V^T``), which minimises ``||W - B A||_F``. Given the
 input statistics ``G = sum_t x_t x_t^T`` of calibration data, the factors minimise the
 error of the layer's *outputs* on that data instead, ``||(W - B A) X||_F``: the SVD of
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank import _validate as check
-from lowrank.nn._base import StructuredLinear
 from lowrank.linalg.error import relative_residual
 from lowrank.linalg.rsvd import rsvd
+from lowrank.nn._base import StructuredLinear
 
 
 class LowRankLinear(StructuredLinear):
@@ -183,20 +184,28 @@ def _whitener(gram: torch.Tensor, inp: int, device) -> Whitener:
 
 
 def cholesky_damped(g: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of a symmetric PSD ``g``, adding ``1e-6``, ``1e-5``, ... times its
-    mean diagonal until the factorisation succeeds (activations are often rank-deficient:
-    dead or duplicated features)."""
+    """Lower Cholesky factor of a symmetric PSD ``g``, adding ``1e-6``, ``1e-5``, ... up to
+    ``0.1`` times its mean diagonal until the factorisation succeeds (activations are often
+    rank-deficient: dead or duplicated features). A matrix that needs more is not the
+    statistics of any data: it raises."""
     n = g.shape[-1]
-    scale = float(g.diagonal().mean()) if n else 1.0
+    diagonal = g.diagonal()
+    if n and bool((diagonal < 0).any()):
+        raise ValueError("the input statistics are not positive semi-definite (a negative "
+                         "diagonal entry)")  # fmt: skip
+    scale = float(diagonal.mean()) if n else 1.0
     scale = scale if scale > 0 else 1.0
     eye = torch.eye(n, dtype=g.dtype, device=g.device)
-    damping = 0.0
-    for _ in range(12):
+    for damping in (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1):
         factor, info = torch.linalg.cholesky_ex(g + damping * scale * eye)
         if int(info) == 0:
             return factor
-        damping = 1e-6 if damping == 0.0 else damping * 10
     raise ValueError("the input statistics are not positive semi-definite")
+
+
+# Up to this size the exact SVD costs well under a second (and at most ~3x a randomized
+# one) and is exactly optimal; above it the randomized SVD with four power iterations.
+EXACT_SVD_MAX = 1024
 
 
 def _truncated_svd(target: torch.Tensor, rank: int | None, tol: float | None, seed: int):
@@ -210,7 +219,7 @@ def _truncated_svd(target: torch.Tensor, rank: int | None, tol: float | None, se
                 if (float(tail[k]) if k < small else 0.0) <= tol * tol * total]  # fmt: skip
         rank = keep[0] if keep else small
         return u[:, :rank], s[:rank], vh[:rank]
-    if rank + 10 < small // 2:
+    if small > EXACT_SVD_MAX and rank + 10 < small // 2:
         return rsvd(target, rank, seed=seed, n_iter=4)
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
     return u[:, :rank], s[:rank], vh[:rank]

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank import _validate as check
-from lowrank.nn._base import StructuredLinear
 from lowrank.linalg.monarch import monarch_project
+from lowrank.nn._base import StructuredLinear
 from lowrank.ops.monarch import monarch_matmul
 
 
@@ -85,7 +85,8 @@ class MonarchLinear(StructuredLinear):
         y = monarch_matmul(x, self.w1, self.w2)
         if self.padded_out > self.out_features:
             y = y[..., : self.out_features]
-        return y if self.bias is None else y + self.bias
+        # (under autocast y is in the autocast dtype; the bias follows it, as in F.linear)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def to_dense(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight."""

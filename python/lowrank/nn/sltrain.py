@@ -15,15 +15,16 @@ import torch
 from torch import nn
 
 from lowrank import _validate as check
-from lowrank.nn._base import StructuredLinear
 from lowrank.linalg.error import relative_residual
+from lowrank.nn._base import StructuredLinear
 from lowrank.ops.sltrain import check_support, dense_sparse, sltrain_matmul
 
 
 def random_support(out: int, inp: int, sparsity: float, seed: int | None, device=None):
-    """Sorted unique flat indices of ``round(sparsity * out * in)`` random positions."""
+    """Sorted unique flat indices of ``int(sparsity * out * in)`` random positions (the count
+    the original SLTrain code uses, so its checkpoints fit a layer of the same sparsity)."""
     total = out * inp
-    nnz = round(sparsity * total)
+    nnz = int(sparsity * total)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))
     generator = torch.Generator().manual_seed(seed)

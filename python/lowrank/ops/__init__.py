@@ -12,6 +12,8 @@ from lowrank.ops.kron import (
     kron_matmul_add_,
     kron_matmul_add_reference,
     kron_matmul_reference,
+    kron_sum_matmul,
+    kron_sum_matmul_reference,
 )
 from lowrank.ops.monarch import monarch_matmul, monarch_matmul_reference
 from lowrank.ops.sltrain import sltrain_matmul, sltrain_matmul_reference
@@ -22,6 +24,8 @@ __all__ = [
     "kron_matmul_add_",
     "kron_matmul_add_reference",
     "kron_matmul_reference",
+    "kron_sum_matmul",
+    "kron_sum_matmul_reference",
     "monarch_matmul",
     "monarch_matmul_reference",
     "sketch",

