@@ -250,7 +250,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_xlabel("parameters of the linear layers kept")
     ax.set_ylabel("mean cosine to the original embeddings")
     ax.set_title("all-MiniLM-L6-v2 compressed with lowrank.nn.convert")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
