@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -80,23 +81,49 @@ def run(
     return count
 
 
-def input_grams(model, batches, layers, *, progress=True) -> dict[str, torch.Tensor]:
-    """``sum_t x_t x_t^T`` (``in x in``) of each layer's inputs over all tokens: each batch's
-    product in float32 (float64 inputs stay float64), summed across batches in float64."""
-    grams: dict[str, torch.Tensor] = {}
+@dataclass
+class InputStats:
+    """What a layer saw on the calibration data: ``gram = sum_t x_t x_t^T`` (``in x in``),
+    ``total = sum_t x_t`` and the token ``count``, all in float64. Sums combine exactly
+    across batches (and processes), so no incremental factorisation is needed: the
+    input covariance and its eigenvectors (the right singular vectors of the centred
+    activations) follow from them at the end."""
+
+    gram: torch.Tensor
+    total: torch.Tensor
+    count: int
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(1, self.count)
+
+    def covariance(self, centred: bool = True) -> torch.Tensor:
+        """``gram / count`` minus the mean's outer product when ``centred``."""
+        second = self.gram / max(1, self.count)
+        return second - torch.outer(self.mean, self.mean) if centred else second
+
+
+def input_statistics(model, batches, layers, *, progress=True) -> dict[str, InputStats]:
+    """:class:`InputStats` of each layer's inputs over all tokens of all batches: each
+    batch's product in float32 (float64 inputs stay float64), summed in float64."""
+    stats: dict[str, InputStats] = {}
 
     def observe(name, x):
         rows = x.detach().reshape(-1, x.shape[-1])
         rows = rows if rows.dtype == torch.float64 else rows.float()
-        gram = (rows.T @ rows).double()
-        grams[name] = gram if name not in grams else grams[name] + gram
+        gram, total = (rows.T @ rows).double(), rows.sum(0).double()
+        if name in stats:
+            seen = stats[name]
+            stats[name] = InputStats(seen.gram + gram, seen.total + total, seen.count + len(rows))
+        else:
+            stats[name] = InputStats(gram, total, len(rows))
 
     run(model, batches, layers, observe, progress=progress, desc="calibration: input statistics")
-    missing = [name for name in layers if name not in grams]
+    missing = [name for name in layers if name not in stats]
     if missing:
         raise ValueError(f"calibration never reached the layers {missing[:5]}: are they used "
                          "by the model's forward?")  # fmt: skip
-    return grams
+    return stats
 
 
 def output_sensitivity(model, batch, layers, *, probes: int = 4, seed: int = 0):

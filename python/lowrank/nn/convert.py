@@ -45,14 +45,15 @@ from torch import nn
 from lowrank import _validate as check
 from lowrank.linalg.error import relative_residual
 from lowrank.nn import calibration as calib
+from lowrank.nn import lora
 from lowrank.nn.kron import KronLinear, near_square_factors
 from lowrank.nn.kron_adapter import KronAdapter
 from lowrank.nn.lowrank import LowRankLinear, cholesky_damped
 from lowrank.nn.monarch import MonarchLinear
 from lowrank.nn.sltrain import SLTrainLinear
 
-KINDS = ("lowrank", "monarch", "sltrain", "kron", "kron_adapter")
-_ADAPTERS = ("kron_adapter",)
+KINDS = ("lowrank", "monarch", "sltrain", "kron", "kron_adapter", "lora")
+_ADAPTERS = ("kron_adapter", "lora")
 _CALIBRATED = ("lowrank", "monarch", "sltrain")
 
 
@@ -280,7 +281,13 @@ def convert(
             the structured kinds.
         options: the kind's own: ``rank`` or ``tol`` (lowrank); ``nblocks`` (default 4) and
             ``rank`` (monarch); ``rank``, ``sparsity`` (default 0.03), ``alpha``, ``seed``
-            (sltrain); ``factors``, ``terms`` (kron); the adapter's constructor arguments.
+            (sltrain); ``factors``, ``terms`` (kron); the adapter's constructor arguments
+            (kron_adapter; lora: ``rank`` (default 8), ``alpha``, ``dropout``, ``init``,
+            ``svd``, ``n_iter``, ``corda_method``, ``seed``, ``dtype``, and for EVA ``rho``
+            (default 2): a layer gets at most ``round(rank * rho)`` components, the
+            ``rank * layers`` components with the largest explained variance ratios
+            across all layers are kept, and ``alpha`` follows each layer's rank so the
+            scale stays ``alpha / rank``).
 
     Returns:
         A :class:`ConversionReport`: per layer its shape, parameters before and after,
@@ -307,18 +314,28 @@ def convert(
         report.seconds = time.perf_counter() - start
         return report
     batches = None if calibration is None else _materialise(calibration)
-    grams: dict[str, torch.Tensor] = {}
-    if batches is not None and kind in _CALIBRATED:
+    data_driven = kind == "lora" and options.get("init") in lora.DATA_DRIVEN
+    if data_driven and batches is None:
+        raise ValueError(f"init={options['init']!r} needs calibration batches (calibration=)")
+    stats: dict[str, calib.InputStats] = {}
+    if batches is not None and (kind in _CALIBRATED or data_driven):
         t0 = time.perf_counter()
         layers = {names[0]: linear for names, linear in targets}
-        grams = calib.input_grams(model, batches, layers, progress=progress)
+        stats = calib.input_statistics(model, batches, layers, progress=progress)
         report.calibration_seconds = time.perf_counter() - t0
-    plan = _plan(kind, model, targets, grams, batches, params, allocation, options, report)
+    grams = {name: st.gram for name, st in stats.items()} if kind in _CALIBRATED else {}
+    plan = _plan(kind, model, targets, grams, stats, batches, params, allocation, options,
+                 report)  # fmt: skip
     bar = _bar(targets, progress, f"convert to {kind}")
     new_layers = []
     for names, linear in bar:
         t0 = time.perf_counter()
         new, note = plan(names[0], linear)
+        if new is None:  # the plan leaves this layer as it is
+            count = _count(linear)
+            report.skipped.append(LayerReport(names[0], kind, tuple(linear.weight.shape), count,
+                                              count, note=note))  # fmt: skip
+            continue
         new_layers.append(new)
         for name in names:
             _set(model, name, new)
@@ -355,7 +372,7 @@ def _materialise(calibration) -> list:
     return batches
 
 
-def _plan(kind, model, targets, grams, batches, params, allocation, options, report):
+def _plan(kind, model, targets, grams, stats, batches, params, allocation, options, report):
     """``make(name, linear) -> (new module, note)`` for the kind and budget."""
     shapes = {names[0]: tuple(linear.weight.shape) for names, linear in targets}
     if kind == "lowrank":
@@ -422,12 +439,35 @@ def _plan(kind, model, targets, grams, batches, params, allocation, options, rep
 
         report.allocation = "uniform"
         return make_kron
+    if kind == "lora":
+        return _plan_lora(shapes, stats, options, report)
     adapter_options = dict(options)
 
     def make_kron_adapter(name, linear):
         return KronAdapter(linear, **adapter_options), ""
 
     return make_kron_adapter
+
+
+def _plan_lora(shapes, stats, options, report):
+    rank = check.positive_int("rank", options.pop("rank", 8))
+    alpha = float(options.pop("alpha", rank))
+    rho = check.real("rho", options.pop("rho", 2.0))
+    init = options.get("init", "gaussian")
+    ranks = {n: min(rank, *shapes[n]) for n in shapes}
+    if init == "eva":  # EVA's redistribution by explained variance across layers
+        spectra = {n: lora.eva_spectrum(stats[n])[0] for n in shapes}
+        ranks = {n: min(r, *shapes[n]) for n, r in lora.eva_ranks(spectra, rank, rho).items()}
+        report.allocation = f"EVA: {rank * len(shapes)} components by explained variance"
+
+    def make_lora(name, linear):
+        r = ranks[name]
+        if r == 0:
+            return None, "EVA gave it no components"
+        layer = lora.LoRAAdapter(linear, r, alpha * r / rank, stats=stats.get(name), **options)
+        return layer, f"rank {r}, init {layer.init}"
+
+    return make_lora
 
 
 def _no_more(kind: str, options: dict) -> None:
@@ -525,7 +565,8 @@ def unconvert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     """Every lowrank layer back to an ``nn.Linear`` with its dense equivalent (adapters
     merged into their base layer), so the model runs and exports without lowrank."""
     model = model if inplace else copy.deepcopy(model)
-    structured = (LowRankLinear, MonarchLinear, SLTrainLinear, KronLinear, KronAdapter)
+    structured = (LowRankLinear, MonarchLinear, SLTrainLinear, KronLinear, KronAdapter,
+                  lora.LoRAAdapter)  # fmt: skip
     done: dict[int, nn.Linear] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if not name or not isinstance(module, structured):
