@@ -38,6 +38,7 @@ SUITES = {
     "dispatch": "bench_dispatch",
     "kron": "bench_kron",
     "kron_adapter": "bench_kron_adapter",
+    "lora": "bench_lora",
     "monarch": "bench_monarch",
     "rsvd": "bench_rsvd",
     "sltrain": "bench_sltrain",

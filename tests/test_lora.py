@@ -200,7 +200,7 @@ def test_bfloat16_base_with_float32_adapter():
 
 
 def test_bad_input():
-    with pytest.raises(TypeError, match="nn.Linear"):
+    with pytest.raises(TypeError, match=r"nn\.Linear"):
         LoRAAdapter(nn.Conv1d(3, 3, 1), 2)
     with pytest.raises(ValueError, match="at most"):
         LoRAAdapter(nn.Linear(4, 6), 5)
@@ -245,6 +245,7 @@ def test_convert_to_lora_and_save_for_peft(init, tmp_path):
         assert relative_error(expected, original(x)) > 1e-4  # training changed the function
         assert relative_error(loaded(x), expected) <= 1e-5
     tensors, config = peft_state(model)
+    assert len(tensors) == 2 * len(report.layers)
     doubled = init in ("pissa", "olora", "corda")
     assert config["r"] == (8 if doubled else 4) or config["rank_pattern"]
     assert config["init_lora_weights"] is True
