@@ -5,6 +5,7 @@
 - ``lowrank.nn``: layers built on those ops.
 - ``lowrank.linalg``: randomized decompositions and projections.
 - ``lowrank.distributed``: the same over ``torch.distributed`` process groups.
+- ``lowrank.optim``: GaLore (AdamW with low-rank gradient projection).
 - ``lowrank.info()``: what was built and what can run here (``python -m lowrank`` prints it).
 """
 
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 
 import torch  # noqa: F401  (loads torch's OpenMP runtime before lowrank._C)
 
-from lowrank import distributed, linalg, nn, ops
+from lowrank import distributed, linalg, nn, ops, optim
 from lowrank._native import info
 
-__all__ = ["__version__", "distributed", "info", "linalg", "nn", "ops"]
+__all__ = ["__version__", "distributed", "info", "linalg", "nn", "ops", "optim"]
