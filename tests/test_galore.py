@@ -32,6 +32,22 @@ class ReferenceGaLore:
         return {"std": "right" if m >= n else "left",
                 "reverse_std": "left" if m >= n else "right"}.get(proj_type, proj_type)  # fmt: skip
 
+    @staticmethod
+    def project(side, P, g):
+        if side == "right":
+            return g @ P.T
+        if side == "left":
+            return P.T @ g
+        return P[0].T @ g @ P[1].T
+
+    @staticmethod
+    def back(side, P, low):
+        if side == "right":
+            return low @ P
+        if side == "left":
+            return P @ low
+        return P[0] @ low @ P[1]
+
     def step(self):
         b1, b2 = self.betas
         for group in self.groups:
@@ -44,12 +60,9 @@ class ReferenceGaLore:
                     if "P" not in st or st["step"] % group["update_proj_gap"] == 0:
                         u, _, vh = torch.linalg.svd(g, full_matrices=False)
                         r = group["rank"]
-                        st["P"] = {"right": vh[:r], "left": u[:, :r], "full": (u[:, :r], vh[:r])}[
-                            side
-                        ]
-                    P = st["P"]
-                    g = {"right": lambda: g @ P.T, "left": lambda: P.T @ g,
-                         "full": lambda: P[0].T @ g @ P[1].T}[side]()  # fmt: skip
+                        st["P"] = {"right": vh[:r], "left": u[:, :r],
+                                   "full": (u[:, :r], vh[:r])}[side]  # fmt: skip
+                    g = self.project(side, st["P"], g)
                 if "m" not in st:
                     st["m"], st["v"] = torch.zeros_like(g), torch.zeros_like(g)
                 st["step"] += 1
@@ -59,9 +72,7 @@ class ReferenceGaLore:
                 size = self.lr * math.sqrt(1 - b2**t) / (1 - b1**t)
                 update = st["m"] / (st["v"].sqrt() + self.eps)
                 if galore:
-                    P = st["P"]
-                    update = {"right": lambda: update @ P, "left": lambda: P @ update,
-                              "full": lambda: P[0] @ update @ P[1]}[side]() * group["scale"]  # fmt: skip
+                    update = self.back(side, st["P"], update) * group["scale"]
                 with torch.no_grad():
                     p.sub_(size * update)
                     if self.wd:
@@ -179,9 +190,9 @@ def test_state_dict_round_trip():
 def test_galore_groups():
     model = Net()
     groups = galore_groups(model, rank=4, target_modules=["up"])
-    projected = [g for g in groups if "rank" in g][0]
+    projected = next(g for g in groups if "rank" in g)
     assert projected["params"] == [model.up.weight] and projected["scale"] == 0.25
-    plain = [g for g in groups if "rank" not in g][0]["params"]
+    plain = next(g for g in groups if "rank" not in g)["params"]
     assert len(plain) == 4 and all(p is not model.up.weight for p in plain)
 
 

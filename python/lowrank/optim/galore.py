@@ -216,7 +216,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             return
         start = time.perf_counter()
         count = 0
-        for (shape, device, side, rank, warm), params in batches.items():
+        for (_shape, _device, side, rank, warm), params in batches.items():
             # float32 at least (float16/bfloat16 gradients), float64 stays float64
             grads = torch.stack([p.grad.to(torch.promote_types(p.grad.dtype, torch.float32))
                                  for p in params])  # fmt: skip
