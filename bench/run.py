@@ -37,6 +37,7 @@ import lowrank  # noqa: E402
 SUITES = {
     "dispatch": "bench_dispatch",
     "kron": "bench_kron",
+    "galore": "bench_galore",
     "kron_adapter": "bench_kron_adapter",
     "lora": "bench_lora",
     "monarch": "bench_monarch",

@@ -31,3 +31,16 @@ def test_compress_model_quick(tmp_path):
     # Fitting the outputs on calibration data is what makes a compressed model usable.
     assert calibrated["cosine"] >= 0.65 and calibrated["cosine"] >= plain["cosine"] + 0.2
     assert calibrated["unconvert_max_diff"] <= 1e-4
+
+
+def test_train_small_lm_quick(tmp_path):
+    result = load("train_small_lm").main(["--quick", "--out", str(tmp_path)])
+    rows = {row["method"]: row for row in result["rows"]}
+    assert len(rows) == 7 and (tmp_path / "small-lm-training.png").stat().st_size > 0
+    dense = rows["dense AdamW"]
+    for row in rows.values():
+        # a few steps from the uniform guess (ln 256 = 5.55 nats per byte) already learn
+        assert row["val_loss"] < 5.0, row
+    assert rows["GaLore r=64"]["optimizer_state_bytes"] < 0.6 * dense["optimizer_state_bytes"]
+    assert rows["LoRA r=32 (dense base frozen)"]["trainable_params"] < dense["trainable_params"]
+    assert rows["GaLore r=64"]["galore_refresh_ms"]

@@ -51,13 +51,32 @@ def test_progress_bar_runs(capsys):
     assert "rsvd pass" in capsys.readouterr().err
 
 
+def test_in_memory_arrays_are_tensors_and_streaming_is_explicit(tmp_path, capsys):
+    a = np.random.default_rng(0).standard_normal((40, 12))
+    u, s, vh = rsvd(a, 3, seed=1)  # no max_memory: the tensor path, tensors out
+    expected = rsvd(torch.from_numpy(a), 3, seed=1)
+    for got, want in zip((u, s, vh), expected):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+    batched = rsvd(np.stack([a, 2 * a]), 3, seed=1)[1]  # batched, as a 3-D tensor would be
+    assert torch.allclose(batched[1], 2 * batched[0])
+    path = tmp_path / "a.npy"
+    mm = np.memmap(path, dtype=np.float64, mode="w+", shape=a.shape)
+    mm[:] = a
+    streamed = rsvd(mm, 3, seed=1)  # a memmap streams; small: no progress bar by default
+    assert torch.allclose(streamed[1], expected[1], rtol=1e-10)
+    assert "rsvd pass" not in capsys.readouterr().err
+    assert rsvd(a, np.int64(3), n_iter="auto", seed=1)[1].shape == (3,)
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="smaller than one row panel"):
         rsvd(np.ones((10, 100)), 2, max_memory=100)
     with pytest.raises(TypeError, match="float16, float32 or float64"):
+        rsvd(np.ones((10, 10), dtype=np.int32), 2, max_memory=1 << 20)
+    with pytest.raises(TypeError, match="floating"):  # in memory: as the tensor would
         rsvd(np.ones((10, 10), dtype=np.int32), 2)
     with pytest.raises(ValueError, match="2-D"):
-        rsvd(np.ones((2, 10, 10)), 2)
+        rsvd(np.ones((2, 10, 10)), 2, max_memory=1 << 20)
     bad = np.ones((20, 10))
     bad[3, 4] = np.nan
     with pytest.raises(ValueError, match="NaN"):

@@ -62,8 +62,20 @@ class RowPanels:
                 f"max_memory = {max_memory} bytes is smaller than one row panel "
                 f"({resident} x {row_bytes} bytes for rows of {self.n} {self.dtype})"
             )
-        self.progress = progress
+        # By default a bar only when a pass is long: it reads more than 1 GiB.
+        self.progress = progress if progress is not None else self.m * row_bytes > (1 << 30)
         self.passes = 0
+        self.mean: torch.Tensor | None = None  # when set, panels are centred by it
+
+    def column_mean(self) -> torch.Tensor:
+        """The column means of ``A``, in one pass (float64 sums)."""
+        total = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        for _, _, panel in self._panels():
+            total += panel.sum(dim=0, dtype=torch.float64)
+        mean = total / self.m
+        if not bool(torch.isfinite(mean).all()):
+            raise ValueError("A contains NaN or Inf (or its products overflow)")
+        return mean.to(self.dtype)
 
     def _host_panel(self, i0: int, i1: int) -> torch.Tensor:
         block = self.a[i0:i1]
@@ -79,7 +91,8 @@ class RowPanels:
         bounds = [(i, min(self.m, i + self.rows)) for i in range(0, self.m, self.rows)]
         if self.device.type != "cuda":
             for i0, i1 in bounds:
-                yield i0, i1, self._host_panel(i0, i1)
+                panel = self._host_panel(i0, i1)
+                yield i0, i1, panel if self.mean is None else panel - self.mean
             return
         copy_stream = torch.cuda.Stream(self.device)
         compute = torch.cuda.current_stream(self.device)
@@ -99,7 +112,7 @@ class RowPanels:
                 pending = start(*bounds[index + 1])  # overlaps with this panel's products
             compute.wait_event(done)
             panel.record_stream(compute)
-            yield i0, i1, panel
+            yield i0, i1, panel if self.mean is None else panel - self.mean
 
     def fused_pass(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A z, A^T (A z))`` in one pass over the panels."""

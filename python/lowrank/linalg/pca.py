@@ -6,10 +6,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lowrank.linalg.operator import Operator, as_operator
-from lowrank.linalg.rsvd import rsvd
+from lowrank.linalg.rsvd import (
+    _auto_iterations,
+    _check_options,
+    _out_of_core,
+    from_numpy,
+    resolve_seed,
+    rsvd,
+)
 
 
 class _Centred:
@@ -37,10 +45,16 @@ def pca(A, rank: int, center: bool = True, **rsvd_options):
     """``(U, S, Vh)`` of ``A - mean(A, 0)`` (or of ``A``), rank ``rank``, without centring ``A``.
 
     The principal axes are the rows of ``Vh`` and ``U * S`` are the scores.
-    ``A`` is a 2-D dense or sparse COO/CSR tensor; ``rsvd_options`` go to :func:`rsvd`.
+    ``A`` is a 2-D dense or sparse COO/CSR tensor, a NumPy array, or (with ``max_memory``,
+    or an ``np.memmap``) a matrix streamed from host memory or disk in row panels, centred
+    panel by panel after one more pass for the means; ``rsvd_options`` go to :func:`rsvd`.
     """
     if not center:
         return rsvd(A, rank, **rsvd_options)
+    if isinstance(A, np.memmap) or rsvd_options.get("max_memory") is not None:
+        return _streamed(A, rank, **rsvd_options)
+    if isinstance(A, np.ndarray):
+        A = from_numpy(A)
     op = as_operator(A, rsvd_options.pop("compute_dtype", None))
     if op.batch:
         raise ValueError(f"A must be a single (m, n) matrix for pca, got batch shape {op.batch}")
@@ -51,3 +65,14 @@ def pca(A, rank: int, center: bool = True, **rsvd_options):
     u, s, vh = rsvd(_Centred(op, mean), rank, **rsvd_options)
     out = A.dtype if isinstance(A, torch.Tensor) else op.dtype
     return u.to(out), s.to(out), vh.to(out)
+
+
+def _streamed(A, rank, *, oversample=10, n_iter=2, normalizer="auto", sketch="gaussian",
+              seed=None, generator=None, compute_dtype=None, device=None, max_memory=None,
+              progress=None):  # fmt: skip
+    rank, oversample, n_iter, _ = _check_options(rank, oversample, n_iter, normalizer, sketch,
+                                                 None, None)  # fmt: skip
+    n_iter = _auto_iterations(n_iter, rank, A.shape[-2:])
+    return _out_of_core(A, rank, oversample, n_iter, normalizer, sketch, None, None,
+                        resolve_seed(seed, generator), compute_dtype, device, max_memory,
+                        progress, center=True)  # fmt: skip

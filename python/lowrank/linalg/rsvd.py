@@ -20,6 +20,8 @@ Martinsson & Voronin 2016) until ``||A - Q B||_F <= tol ||A||_F``, tracked as
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -35,7 +37,7 @@ def rsvd(
     rank: int,
     *,
     oversample: int = 10,
-    n_iter: int = 2,
+    n_iter: int | str = 2,
     normalizer: str = "auto",
     sketch: str = "gaussian",
     block_krylov: bool = False,
@@ -58,6 +60,7 @@ def rsvd(
             is the block size by which the basis grows.
         oversample: extra sketch columns (``l = rank + oversample``).
         n_iter: power iterations (or Krylov blocks); 2 suits decaying spectra.
+            ``"auto"``: scikit-learn's rule, 7 when ``rank < 0.1 min(m, n)``, else 4.
         normalizer: ``"cholqr2"``, ``"qr"``, ``"lu"``, ``"none"`` or ``"auto"`` (CholeskyQR2
             with its shifted and Householder fallbacks: stable for any input).
         sketch: ``"gaussian"``, ``"rademacher"``, ``"srht"`` or ``"sparse_sign"``.
@@ -73,11 +76,14 @@ def rsvd(
             from ``generator`` (torch's default generator when None).
         compute_dtype: dtype of the computation; default float32 for float16/bfloat16
             input (products may run in the input precision on CUDA), else the input's.
-        device, max_memory, progress: out-of-core mode, taken for a NumPy array or
-            ``np.memmap`` (or any 2-D CPU tensor given ``max_memory``): ``A`` is streamed in
-            row panels of at most ``max_memory`` bytes (default 1 GiB) onto ``device``
-            (default CPU) in ``n_iter + 1`` passes, with a progress bar per pass unless
-            ``progress=False`` (see ``lowrank.linalg.out_of_core``).
+        device, max_memory, progress: out-of-core mode, taken for an ``np.memmap`` or when
+            ``max_memory`` is given (for a memmap, a NumPy array or a 2-D CPU tensor): ``A``
+            is streamed in row panels of at most ``max_memory`` bytes (default 1 GiB) onto
+            ``device`` (default CPU) in ``n_iter + 1`` passes (see
+            ``lowrank.linalg.out_of_core``), with a progress bar per pass when ``progress``
+            is True, or when it is None and a pass reads more than 1 GiB. An in-memory
+            NumPy array without ``max_memory`` is used as the tensor ``torch.from_numpy(A)``
+            (results are tensors, as for that tensor).
 
     Returns:
         ``(U, S, Vh)`` like ``torch.linalg.svd(A, full_matrices=False)`` truncated: ``U``
@@ -87,11 +93,15 @@ def rsvd(
     """
     rank, oversample, n_iter, max_rank = _check_options(rank, oversample, n_iter, normalizer,
                                                         sketch, tol, max_rank)  # fmt: skip
-    if isinstance(A, np.ndarray) or max_memory is not None:
+    if isinstance(A, np.memmap) or max_memory is not None:
+        n_iter = _auto_iterations(n_iter, rank, A.shape[-2:])
         return _out_of_core(A, rank, oversample, n_iter, normalizer, sketch, tol, init,
                             resolve_seed(seed, generator), compute_dtype, device, max_memory,
                             progress)  # fmt: skip
+    if isinstance(A, np.ndarray):
+        A = from_numpy(A)
     op = as_operator(A, compute_dtype)
+    n_iter = _auto_iterations(n_iter, rank, (op.m, op.n))
     if not 1 <= rank <= min(op.m, op.n):
         raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(op.m, op.n)}], got {rank}")
     out_dtype = A.dtype if isinstance(A, torch.Tensor) else op.dtype
@@ -168,11 +178,14 @@ def _qr_with_factor(bt: torch.Tensor):
 
 
 def _out_of_core(a, rank, oversample, n_iter, normalizer, sketch, tol, init, seed,
-                 compute_dtype, device, max_memory, progress):  # fmt: skip
+                 compute_dtype, device, max_memory, progress, center=False):  # fmt: skip
+    """Streamed rsvd; with ``center``, of ``a`` minus its column means (one more pass)."""
     if tol is not None or init is not None:
         raise ValueError("tol= and init= are not available for out-of-core input")
     panels = RowPanels(a, device or "cpu", (1 << 30) if max_memory is None else max_memory,
-                       compute_dtype, True if progress is None else progress)  # fmt: skip
+                       compute_dtype, progress)  # fmt: skip
+    if center:
+        panels.mean = panels.column_mean()
     if not 1 <= rank <= min(panels.m, panels.n):
         raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(panels.m, panels.n)}]")
     l = min(rank + oversample, panels.m, panels.n)
@@ -260,11 +273,27 @@ def block_seed(seed: int, index: int) -> int:
     return (seed + index * 0x9E3779B97F4A7C15) % (2**63)
 
 
+def _auto_iterations(n_iter, rank: int, shape) -> int:
+    """scikit-learn's rule for ``n_iter="auto"``: 7 when ``rank < 0.1 min(m, n)``, else 4."""
+    if n_iter != "auto":
+        return n_iter
+    return 7 if rank < 0.1 * min(int(shape[0]), int(shape[1])) else 4
+
+
+def from_numpy(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` that also takes read-only arrays (only ever read here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
 def _check_options(rank, oversample, n_iter, normalizer, sketch, tol, max_rank):
-    """The options, validated; returns ``(rank, oversample, n_iter, max_rank)`` as ints."""
+    """The options, validated; returns ``(rank, oversample, n_iter, max_rank)`` as ints
+    (``n_iter`` may stay ``"auto"``, resolved once the shape is known)."""
     rank = check.positive_int("rank", rank)
     oversample = check.integer("oversample", oversample, 0)
-    n_iter = check.iterations("n_iter", n_iter)
+    if not (isinstance(n_iter, str) and n_iter == "auto"):
+        n_iter = check.iterations("n_iter", n_iter)
     if normalizer not in NORMALIZERS:
         raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
     if sketch not in sketching.SKETCHES:
