@@ -9,8 +9,9 @@ randomized SVD of that width can avoid. Baselines run at the same sketch width
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from harness import Result, time_ms
+from harness import Result, time_ms, time_ms_many
 
 from lowrank.linalg import rsvd
 
@@ -126,6 +127,99 @@ def batched_case(device, quick):
     return batched_group(device, 2048, 2048, 112, 128) + batched_group(device, 2048, 5461, 56, 128)
 
 
+def dropin_cases(device, size: int, k: int) -> list[Result]:
+    """lowrank.compat against the functions it replaces, called with the same arguments;
+    error relative to the optimal rank-k error."""
+    import lowrank.compat as compat
+
+    a = decaying(size, size, torch.float32, device)
+    optimal = optimal_errors(a, k)
+    label = f"{size}x{size} k={k}"
+    fns = {
+        "lowrank": lambda i: compat.svd_lowrank(a, q=k, niter=2),
+        "torch.svd_lowrank": lambda i: torch.svd_lowrank(a, q=k, niter=2),
+    }
+    times = time_ms_many(fns, device, min_run_time=1.0)
+    results = []
+    for impl, fn in fns.items():
+        u, s, v = fn(0)
+        error = relative_to_optimal(a, u, s, v.mT, optimal)
+        results.append(Result("compat", f"svd_lowrank {label}", impl, times[impl],
+                              {"error_vs_optimal": error}))  # fmt: skip
+    fns = {
+        "lowrank": lambda i: compat.pca_lowrank(a, q=k, niter=2),
+        "torch.pca_lowrank": lambda i: torch.pca_lowrank(a, q=k, niter=2),
+    }
+    centred_optimal = optimal_errors(a - a.mean(0), k)
+    times = time_ms_many(fns, device, min_run_time=1.0)
+    for impl, fn in fns.items():
+        u, s, v = fn(0)
+        error = relative_to_optimal(a - a.mean(0), u, s, v.mT, centred_optimal)
+        results.append(Result("compat", f"pca_lowrank {label}", impl, times[impl],
+                              {"error_vs_optimal": error}))  # fmt: skip
+    if device.type != "cpu":
+        return results
+    try:
+        from sklearn.utils.extmath import randomized_svd
+    except ImportError:
+        return results
+    a_np = a.numpy()
+    fns = {
+        "lowrank": lambda i: compat.randomized_svd(a_np, k, random_state=0),
+        "sklearn randomized_svd": lambda i: randomized_svd(a_np, k, random_state=0),
+    }
+    times = time_ms_many(fns, device, min_run_time=1.0, warmup=1)
+    for impl, fn in fns.items():
+        u, s, vh = (torch.from_numpy(x) for x in fn(0))
+        error = relative_to_optimal(a, u, s, vh, optimal)
+        results.append(Result("compat", f"randomized_svd {label} (n_iter auto)", impl,
+                              times[impl], {"error_vs_optimal": error}))  # fmt: skip
+    return results
+
+
+def pca_dataset(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """``m`` samples of ``n`` features: 100 latent factors of decaying scale, mixed, plus
+    noise, and a mean."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(m, 100, generator=g) * torch.logspace(0, -2, 100)
+    mixing = torch.randn(100, n, generator=g) / 10
+    return latent @ mixing + 0.01 * torch.randn(m, n, generator=g) + torch.randn(n, generator=g)
+
+
+def pca_case(m: int, n: int, k: int) -> list[Result]:
+    """lowrank.sklearn.PCA against scikit-learn's PCA on the same float32 data: time, and the
+    largest relative deviation of the explained-variance ratios from the exact ones."""
+    try:
+        from sklearn import decomposition
+    except ImportError:
+        return []
+    from lowrank import sklearn as lk
+
+    x = pca_dataset(m, n).numpy()
+    estimators = {
+        "lowrank": lambda: lk.PCA(k, svd_solver="randomized", random_state=0),
+        "lowrank auto (covariance_eigh)": lambda: lk.PCA(k, random_state=0),
+        "sklearn randomized": lambda: decomposition.PCA(k, svd_solver="randomized", random_state=0),
+        "sklearn auto (covariance_eigh)": lambda: decomposition.PCA(k, random_state=0),
+        "sklearn full": lambda: decomposition.PCA(k, svd_solver="full"),
+    }
+    fitted = {}
+
+    def fit(name):
+        fitted[name] = estimators[name]().fit(x)
+
+    times = time_ms_many({name: (lambda i, name=name: fit(name)) for name in estimators}, "cpu",
+                         min_run_time=0.0, warmup=0, min_rounds=3)  # fmt: skip
+    exact = fitted["sklearn full"].explained_variance_ratio_.astype(np.float64)
+    label = f"PCA {m}x{n} float32, {k} components"
+    results = []
+    for name, ms in times.items():
+        ratio = fitted[name].explained_variance_ratio_.astype(np.float64)
+        deviation = float(np.max(np.abs(ratio - exact) / exact))
+        results.append(Result("sklearn", label, name, ms, {"evr_rel_dev": deviation}))
+    return results
+
+
 def run(device: torch.device, quick: bool) -> list[Result]:
     results = []
     if device.type == "cuda":
@@ -136,4 +230,6 @@ def run(device: torch.device, quick: bool) -> list[Result]:
         size = 2048 if quick else 4096
         results += single_case(device, size, size, 64, torch.float32, extra=not quick)
         results += single_case(device, 1024, 1024, 64, torch.bfloat16, extra=False)
+        results += dropin_cases(device, size, 64)
+        results += pca_case(10000, 200, 20) if quick else pca_case(100000, 1000, 50)
     return results

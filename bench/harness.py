@@ -114,13 +114,14 @@ def time_ms_many(
     min_run_time: float = 0.5,
     warmup: int = 3,
     cuda_reps: int = 50,
+    min_rounds: int = 5,
 ) -> dict[str, float]:
     """Median milliseconds of each ``fn(i)``, measured in interleaved rounds (one call of
     each per round, in a fresh random order each round), so drift of a shared machine and
     the state a heavy neighbour leaves behind (caches, freed memory) hit every
     implementation alike and the ratios of one case are comparable. CUDA: events around each
     call; CPU: the wall clock per call, rounds until each function has run ``min_run_time``
-    seconds (at least 5 times)."""
+    seconds (at least ``min_rounds`` times)."""
     device = torch.device(device)
     names = list(fns)
     counters = {name: iter(range(1 << 62)) for name in names}
@@ -151,7 +152,7 @@ def time_ms_many(
         return {name: statistics.median(values) for name, values in times.items()}
     spent = dict.fromkeys(names, 0.0)
     round_index = 0
-    while min(spent.values()) < min_run_time or min(len(v) for v in times.values()) < 5:
+    while min(spent.values()) < min_run_time or min(len(v) for v in times.values()) < min_rounds:
         round_index += 1
         for name in order(round_index):
             start = time.perf_counter()

@@ -5,6 +5,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifdef __CUDACC__
+#include <mma.h>  // nvcuda::wmma (tests/cuda_emulation/wmma.h on the CPU)
+#endif
 
 // Dynamic shared memory of a kernel, as float32 words.
 #ifndef LOWRANK_SHARED_FLOATS

@@ -15,7 +15,9 @@
 //
 // Speed floor (bf16, in=out=4096, 64x64 factors, 8192 tokens): forward moves
 // 128 MiB (x read, y written) and does 8.6 GFLOP; on tensor cores the bytes
-// dominate. This SIMT kernel is compute-bound; its GPU timings are unmeasured.
+// dominate. The SIMT kernel (float32 math) is compute-bound; the tensor-core
+// kernels (float16/bfloat16, kron_kernels.cuh) aim at the memory floor. Neither
+// has been timed on a GPU yet: the dispatch measures them against cuBLAS.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -73,7 +75,111 @@ void kron_factor_grads_cuda(int dtype, std::uintptr_t dy, std::uintptr_t x, std:
   });
 }
 
+// ---- tensor-core kernels ----------------------------------------------------------------------
+
+// Tokens per tile for the tensor-core kernels: the most, up to 8, whose padded operands fit
+// the device's shared memory; 0 when not even one token fits (the dispatch skips them then).
+int kron_tc_tile(int p, int q, int r, int s, bool grads, int device) {
+  const int64_t limit = max_shared_bytes(device);
+  for (int tile = 8; tile >= 1; tile /= 2) {
+    const KronTcDims d{p, q, r, s, tile};
+    if ((grads ? d.grads_bytes() : d.forward_bytes()) <= limit) return tile;
+  }
+  return 0;
+}
+
+bool tensor_cores(int device) {
+  int major = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+             "cudaDeviceGetAttribute");
+  return major >= 8;  // bfloat16 WMMA needs sm_80
+}
+
+template <typename Fn>
+void dispatch_tc_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::Float16: fn(__half{}); return;
+    case DType::BFloat16: fn(__nv_bfloat16{}); return;
+    default:
+      throw std::invalid_argument("lowrank tensor-core kernels take float16 or bfloat16, got " +
+                                  dtype_name(dtype));
+  }
+}
+
+void kron_matmul_tc_cuda(int dtype, std::uintptr_t x, std::uintptr_t a, std::uintptr_t b,
+                         std::uintptr_t addend, double scale, std::uintptr_t y, int64_t tokens,
+                         int p, int q, int r, int s, int device, std::uintptr_t stream_handle) {
+  cudaStream_t stream = use_device(device, stream_handle);
+  if (tokens == 0) return;
+  const int tile = kron_tc_tile(p, q, r, s, false, device);
+  if (tile == 0) throw std::invalid_argument("kron_matmul: factors too large for shared memory");
+  const KronTcDims d{p, q, r, s, tile};
+  dispatch_tc_dtype(static_cast<DType>(dtype), [&](auto tag) {
+    using T = decltype(tag);
+    auto kernel = kron_forward_tc_kernel<T>;
+    const size_t bytes = size_t(d.forward_bytes());
+    allow_shared(kernel, bytes, device, "kron_matmul");
+    const int64_t tiles = (tokens + tile - 1) / tile;
+    const int64_t grid = std::min<int64_t>(tiles, int64_t(multiprocessors(device)) * 2);
+    kernel<<<unsigned(grid), kKronTcThreads, bytes, stream>>>(
+        as_ptr<const T>(x), as_ptr<const T>(a), as_ptr<const T>(b), as_ptr<const T>(addend),
+        float(scale), as_ptr<T>(y), tokens, d);
+    check_launch("kron_forward_tc_kernel");
+  });
+}
+
+// Blocks of the factor-gradient kernel; its workspace holds blocks * (p q + r s) floats.
+int64_t kron_tc_grad_blocks(int64_t tokens, int p, int q, int r, int s, int device) {
+  const int tile = kron_tc_tile(p, q, r, s, true, device);
+  if (tile == 0 || tokens == 0) return 0;
+  return std::min<int64_t>((tokens + tile - 1) / tile, int64_t(multiprocessors(device)) * 2);
+}
+
+void kron_factor_grads_tc_cuda(int dtype, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t a,
+                               std::uintptr_t b, std::uintptr_t da, std::uintptr_t db,
+                               std::uintptr_t workspace, int64_t tokens, int p, int q, int r, int s,
+                               int device, std::uintptr_t stream_handle) {
+  cudaStream_t stream = use_device(device, stream_handle);
+  const int64_t blocks = kron_tc_grad_blocks(tokens, p, q, r, s, device);
+  if (blocks == 0) {
+    if (tokens != 0)
+      throw std::invalid_argument("kron_matmul backward: factors too large for shared memory");
+    check_cuda(cudaMemsetAsync(as_ptr<float>(da), 0, sizeof(float) * size_t(p) * q, stream),
+               "cudaMemsetAsync");
+    check_cuda(cudaMemsetAsync(as_ptr<float>(db), 0, sizeof(float) * size_t(r) * s, stream),
+               "cudaMemsetAsync");
+    return;
+  }
+  const KronTcDims d{p, q, r, s, kron_tc_tile(p, q, r, s, true, device)};
+  float* partial_da = as_ptr<float>(workspace);
+  float* partial_db = partial_da + blocks * p * q;
+  dispatch_tc_dtype(static_cast<DType>(dtype), [&](auto tag) {
+    using T = decltype(tag);
+    auto kernel = kron_factor_grads_tc_kernel<T>;
+    const size_t bytes = size_t(d.grads_bytes());
+    allow_shared(kernel, bytes, device, "kron_matmul backward");
+    kernel<<<unsigned(blocks), kKronTcThreads, bytes, stream>>>(
+        as_ptr<const T>(dy), as_ptr<const T>(x), as_ptr<const T>(a), as_ptr<const T>(b), partial_da,
+        partial_db, tokens, d);
+    check_launch("kron_factor_grads_tc_kernel");
+  });
+  const int reduce_blocks = multiprocessors(device);
+  kron_reduce_partials_kernel<<<reduce_blocks, kKronTcThreads, 0, stream>>>(
+      partial_da, int(blocks), int64_t(p) * q, as_ptr<float>(da));
+  kron_reduce_partials_kernel<<<reduce_blocks, kKronTcThreads, 0, stream>>>(
+      partial_db, int(blocks), int64_t(r) * s, as_ptr<float>(db));
+  check_launch("kron_reduce_partials_kernel");
+}
+
 void bind_kron(py::module_& m) {
+  m.def("kron_matmul_tc", &kron_matmul_tc_cuda, py::call_guard<py::gil_scoped_release>(),
+        "y = addend + scale * x @ kron(a, b)^T on tensor cores (float16/bfloat16).");
+  m.def("kron_factor_grads_tc", &kron_factor_grads_tc_cuda,
+        py::call_guard<py::gil_scoped_release>(),
+        "da, db (float32) of kron_matmul on tensor cores, deterministic (no atomics).");
+  m.def("kron_tc_tile", &kron_tc_tile);
+  m.def("kron_tc_grad_blocks", &kron_tc_grad_blocks);
+  m.def("tensor_cores", &tensor_cores);
   m.def("kron_matmul", &kron_matmul_cuda, py::call_guard<py::gil_scoped_release>(),
         "y = x @ kron(a, b)^T on the given device and stream.");
   m.def("kron_factor_grads", &kron_factor_grads_cuda, py::call_guard<py::gil_scoped_release>(),

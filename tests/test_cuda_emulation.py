@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import relative_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowrank.ops.kron import kron_matmul_backward_reference
 from lowrank.ops.monarch import monarch_matmul_backward_reference, monarch_matmul_reference
@@ -115,6 +117,79 @@ def test_factor_gradient_kernel(emulated, tokens, p, q, r, s):
     )
     assert relative_error(da, ref_da) <= 1e-5
     assert relative_error(db, ref_db) <= 1e-5
+
+
+# ---- Kronecker, tensor-core kernels (emulated WMMA) ---------------------------------------------
+
+LOW = {"f16": torch.float16, "bf16": torch.bfloat16}
+factor_size = st.integers(1, 20)  # padding to the 16-wide WMMA tile is exercised throughout
+
+
+def rounded(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t.to(dtype).double()
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(
+    tokens=st.integers(0, 5),
+    p=factor_size,
+    q=factor_size,
+    r=factor_size,
+    s=factor_size,
+    tile=st.integers(1, 3),
+    kind=st.sampled_from(["f16", "bf16"]),
+    with_addend=st.booleans(),
+)
+def test_forward_tensor_core_kernel(emulated, tokens, p, q, r, s, tile, kind, with_addend):
+    dtype = LOW[kind]
+    x, a, b = (torch.randn(*shape).to(dtype) for shape in [(tokens, q * s), (p, q), (r, s)])
+    addend = torch.randn(tokens, p * r).to(dtype) if with_addend else None
+    y = torch.full((tokens, p * r), float("nan"), dtype=dtype)
+    grid = 2  # with tile-strided blocks: the grid-stride loop and a partial last tile run
+    getattr(emulated, f"kron_forward_tc_{kind}")(
+        ptr(x), ptr(a), ptr(b), ptr(addend), ctypes.c_float(0.5), ptr(y), ctypes.c_int64(tokens),
+        p, q, r, s, tile, grid)  # fmt: skip
+    # the kernel's rounding: Z = X b^T rounded to the storage dtype, float32 accumulation
+    z = rounded(x.double().reshape(tokens, q, s) @ b.double().T, dtype)
+    ref = 0.5 * (a.double() @ z).reshape(tokens, p * r)
+    if with_addend:
+        ref += addend.double()
+    if tokens:
+        assert relative_error(y, ref) <= (1e-2 if kind == "bf16" else 2e-3)
+
+
+@settings(max_examples=5, deadline=None, derandomize=True)
+@given(
+    tokens=st.integers(1, 5),
+    p=factor_size,
+    q=factor_size,
+    r=factor_size,
+    s=factor_size,
+    tile=st.integers(1, 3),
+    kind=st.sampled_from(["f16", "bf16"]),
+)
+def test_factor_gradient_tensor_core_kernel(emulated, tokens, p, q, r, s, tile, kind):
+    dtype = LOW[kind]
+    x, a, b = (torch.randn(*shape).to(dtype) for shape in [(tokens, q * s), (p, q), (r, s)])
+    dy = torch.randn(tokens, p * r).to(dtype)
+    grid = 2
+    partials = torch.full((grid * (p * q + r * s),), float("nan"))
+    results = []
+    for _ in range(2):
+        da, db = torch.full((p, q), float("nan")), torch.full((r, s), float("nan"))
+        getattr(emulated, f"kron_factor_grads_tc_{kind}")(
+            ptr(dy), ptr(x), ptr(a), ptr(b), ptr(partials), ptr(da), ptr(db),
+            ctypes.c_int64(tokens), p, q, r, s, tile, grid)  # fmt: skip
+        results.append((da, db))
+    assert all(torch.equal(u, v) for u, v in zip(*results))  # deterministic: no atomics
+    da, db = results[0]
+    xt, g = x.double().reshape(tokens, q, s), dy.double().reshape(tokens, p, r)
+    z = rounded(xt @ b.double().T, dtype)  # X b^T as the kernel keeps it
+    gq = rounded(a.double().T @ g, dtype)  # a^T dY likewise
+    ref_da = torch.einsum("tpr,tqr->pq", g, z)
+    ref_db = torch.einsum("tqr,tqs->rs", gq, xt)
+    tol = 1e-2 if kind == "bf16" else 2e-3
+    assert relative_error(da, ref_da) <= tol and relative_error(db, ref_db) <= tol
 
 
 # ---- sketches ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from lowrank.ops import (
     kron_sum_matmul,
     kron_sum_matmul_reference,
 )
+from lowrank.ops.kron import kron_matmul_backward_reference
 
 factor = st.integers(1, 9)
 batch_shape = st.lists(st.integers(0, 4), min_size=0, max_size=3)
@@ -309,3 +310,31 @@ def test_info():
     assert report["version"] == lowrank.__version__
     assert report["cpu_module"] is True
     assert isinstance(report["gpu_usable"], bool)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens, p, q, r, s", [(64, 3, 17, 5, 20), (300, 64, 64, 64, 64),
+                                                (1, 16, 16, 16, 16), (0, 2, 2, 2, 2)])  # fmt: skip
+def test_tensor_core_kernels_cuda(dtype, tokens, p, q, r, s):
+    """The tensor-core path (forced) against the definition, with its own rounding as the
+    tolerance (tests/cuda_emulation checks the same kernels on the CPU)."""
+    from lowrank.ops import kron as kron_ops
+
+    x, a, b = make((tokens,), p, q, r, s, dtype, "cuda")
+    base = torch.randn(tokens, p * r, dtype=dtype, device="cuda")
+    key = (dtype, dispatch.bucket(tokens), p, q, r, s)
+    y = kron_ops._add_dispatch(key, x, x, a, b, base, 0.5, names=("tensor-core",))
+    ref64 = base.double() + 0.5 * dense(x, a, b)
+    ref_lowp = base.float() + 0.5 * kron_matmul_reference(x.float(), a.float(), b.float())
+    assert_close_lowp(y, ref64, ref_lowp.to(dtype), c=4.0)
+    g = torch.randn(tokens, p * r, dtype=dtype, device="cuda")
+    bkey = (*key, True, True)
+    dx, da, db = kron_ops._backward_dispatch(bkey, x, g, x, a, b, True, True,
+                                             names=("tensor-core",))  # fmt: skip
+    refs = kron_matmul_backward_reference(g.double(), x.double(), a.double(), b.double(), True,
+                                          True)  # fmt: skip
+    for got, want in zip((dx, da, db), refs):
+        assert got.shape == want.shape
+        if want.numel():
+            assert relative_error(got, want) <= 3e-2

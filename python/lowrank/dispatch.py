@@ -74,7 +74,10 @@ class Impl:
 
     ``run(*args)`` computes the op. ``kind`` is ``"native"`` or ``"composite"``.
     ``unavailable(*args)``, when given, returns why the implementation cannot run on
-    these arguments (module not built, dtype, shared memory) or None.
+    these arguments (module not built, dtype, shared memory) or None; the reason is
+    warned about once. ``applies(*args)``, when given, says whether the implementation is
+    meant for these arguments at all (a CUDA-only kernel on a CPU tensor): when it is
+    not, it is left out silently.
     ``nondeterministic_on`` names the device types where results may vary run to run.
     """
 
@@ -83,6 +86,7 @@ class Impl:
     run: Callable[..., Any]
     unavailable: Callable[..., str | None] | None = None
     nondeterministic_on: frozenset[str] = frozenset()
+    applies: Callable[..., bool] | None = None
 
 
 # Read once, when lowrank is imported (the hot path reads no environment); force() changes
@@ -345,6 +349,8 @@ class Dispatcher:
             if names is not None and impl.name not in names:
                 continue
             if kind != AUTO and impl.kind != kind:
+                continue
+            if impl.applies is not None and not impl.applies(*args):
                 continue
             if deterministic and sample.device.type in impl.nondeterministic_on:
                 rejected.append(impl.name)

@@ -246,12 +246,53 @@ def _forward_composite(x, a, b, base, scale, out=None):
     return result
 
 
+_TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _tc_applies(x, *_) -> bool:
+    """The tensor-core kernels are for float16/bfloat16 on CUDA."""
+    return x.is_cuda and x.dtype in _TENSOR_CORE_DTYPES
+
+
+def _tc_unavailable(x, a, b, *_, grads: bool = False):
+    """Why the tensor-core kernels cannot run here (where they apply), or None."""
+    why = _native.unavailable(x)
+    if why is not None:
+        return why
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if not _native._cuda.tensor_cores(device):
+        return "tensor-core kernels need compute capability 8.0 or newer"
+    (p, q), (r, s) = a.shape, b.shape
+    if _native._cuda.kron_tc_tile(p, q, r, s, grads, device) == 0:
+        return "the padded factors exceed shared memory for the tensor-core kernel"
+    return None
+
+
+def _forward_tc(x, a, b, base, scale, out=None):
+    """The tensor-core kernel (CUDA, float16/bfloat16): both products per tile of tokens on
+    chip, the residual fused; with ``out`` (``base is out``) in place."""
+    (p, q), (r, s) = a.shape, b.shape
+    x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
+    if out is None:
+        base = None if base is None else base.contiguous()
+        out = _native.new_output((*x.shape[:-1], p * r), x)
+    _native._cuda.kron_matmul_tc(
+        _native.DTYPE_CODES[x.dtype], x.data_ptr(), a.data_ptr(), b.data_ptr(),
+        0 if base is None else base.data_ptr(), 1.0 if scale is None else scale, out.data_ptr(),
+        math.prod(x.shape[:-1]), p, q, r, s, *_native.launch_args(x),
+    )  # fmt: skip
+    return out
+
+
 def _static_forward(x, *args):
     return dispatch.default_kind(x)
 
 
 _FORWARD_IMPLS = (
     dispatch.Impl("native", dispatch.NATIVE, _forward_native, _forward_unavailable),
+    dispatch.Impl(
+        "tensor-core", dispatch.NATIVE, _forward_tc, _tc_unavailable, applies=_tc_applies
+    ),
     dispatch.Impl("composite", dispatch.COMPOSITE, _forward_composite),
 )
 _forward_dispatch = dispatch.Dispatcher("kron_matmul", _FORWARD_IMPLS, _static_forward, (0, 3))
@@ -351,9 +392,38 @@ def _backward_composite(grad, x, a, b, need_x, need_factors):
     return dx, da, db
 
 
+def _backward_tc_unavailable(grad, x, a, b, need_x, need_factors):
+    return _tc_unavailable(x, a, b, grads=True) or _tc_unavailable(x, a.t(), b.t())
+
+
+def _backward_tc(grad, x, a, b, need_x, need_factors):
+    """Tensor-core gradients: dX by the forward kernel on the transposed factors, da and db
+    as per-block partial sums reduced in a fixed order (deterministic)."""
+    (p, q), (r, s) = a.shape, b.shape
+    empty = x.new_empty(0)
+    dx = _forward_tc(grad, a.t(), b.t(), None, None) if need_x else empty
+    if not need_factors:
+        return dx, empty, empty
+    grad, x, a, b = grad.contiguous(), x.contiguous(), a.contiguous(), b.contiguous()
+    tokens = math.prod(x.shape[:-1])
+    device, stream = _native.launch_args(x)
+    blocks = _native._cuda.kron_tc_grad_blocks(tokens, p, q, r, s, device)
+    workspace = torch.empty(max(1, blocks * (p * q + r * s)), dtype=torch.float32,
+                            device=x.device)  # fmt: skip
+    da = torch.empty((p, q), dtype=torch.float32, device=x.device)
+    db = torch.empty((r, s), dtype=torch.float32, device=x.device)
+    _native._cuda.kron_factor_grads_tc(
+        _native.DTYPE_CODES[x.dtype], grad.data_ptr(), x.data_ptr(), a.data_ptr(), b.data_ptr(),
+        da.data_ptr(), db.data_ptr(), workspace.data_ptr(), tokens, p, q, r, s, device, stream,
+    )  # fmt: skip
+    return dx, da.to(a.dtype), db.to(b.dtype)
+
+
 _BACKWARD_IMPLS = (
     dispatch.Impl("native", dispatch.NATIVE, _backward_native, _backward_unavailable,
                   nondeterministic_on=frozenset({"cuda"})),
+    dispatch.Impl("tensor-core", dispatch.NATIVE, _backward_tc, _backward_tc_unavailable,
+                  applies=lambda grad, x, *_: _tc_applies(x)),
     dispatch.Impl("composite", dispatch.COMPOSITE, _backward_composite),
 )  # fmt: skip
 _backward_dispatch = dispatch.Dispatcher("kron_matmul_backward", _BACKWARD_IMPLS, _static_forward,
