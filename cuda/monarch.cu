@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 
 #include "common.cuh"
 #include "monarch_kernels.cuh"
@@ -75,9 +76,39 @@ void monarch_backward_cuda(int dtype, std::uintptr_t dy, std::uintptr_t x, std::
   });
 }
 
+int64_t monarch_tc_smem_bytes(int k, int q, int p, int l, int s, int r) {
+  return MonarchTcDims{k, q, p, l, s, r}.forward_bytes();
+}
+
+void monarch_matmul_tc_cuda(int dtype, std::uintptr_t x, std::uintptr_t w1, std::uintptr_t w2,
+                            std::uintptr_t y, int64_t tokens, int k, int q, int p, int l, int s,
+                            int r, int device, std::uintptr_t stream_handle) {
+  cudaStream_t stream = use_device(device, stream_handle);
+  if (tokens == 0) return;
+  const MonarchTcDims d{k, q, p, l, s, r};
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    const size_t bytes = size_t(d.forward_bytes());
+    allow_shared(monarch_forward_tc_kernel<T>, bytes, device, "monarch_matmul");
+    const int64_t tiles = (tokens + kMonarchTile - 1) / kMonarchTile;
+    monarch_forward_tc_kernel<T>
+        <<<blocks_for(tiles, device, 2), kMonarchTcThreads, bytes, stream>>>(
+            as_ptr<const T>(x), as_ptr<const T>(w1), as_ptr<const T>(w2), as_ptr<T>(y), tokens, d);
+    check_launch("monarch_forward_tc_kernel");
+  };
+  switch (static_cast<DType>(dtype)) {
+    case DType::Float16: launch(__half{}); return;
+    case DType::BFloat16: launch(__nv_bfloat16{}); return;
+    default: throw std::invalid_argument("monarch tensor-core kernel takes float16 or bfloat16");
+  }
+}
+
 }  // namespace
 
 void bind_monarch(py::module_& m) {
+  m.def("monarch_matmul_tc", &monarch_matmul_tc_cuda, py::call_guard<py::gil_scoped_release>(),
+        "y = Monarch(x) on tensor cores (float16/bfloat16).");
+  m.def("monarch_tc_smem_bytes", &monarch_tc_smem_bytes);
   m.def("monarch_matmul", &monarch_matmul_cuda, py::call_guard<py::gil_scoped_release>());
   m.def("monarch_matmul_backward", &monarch_backward_cuda,
         py::call_guard<py::gil_scoped_release>());

@@ -133,4 +133,142 @@ __global__ void __launch_bounds__(kMonarchThreads)
   }
 }
 
+// ---- tensor-core forward (float16 / bfloat16 storage, float32 accumulation) -----------------
+//
+// A tile of 16 tokens (the WMMA M dimension) at a time. Stage 1, per block kk and 16
+// columns of w1[kk]: H = X_kk w1[kk]^T on tensor cores, each result scattered straight
+// into the stage-2 layout (h index j = kk q + qq goes to block j mod l, row j div l: the
+// permutation is folded into this shared-memory store); stage 2, per block ll:
+// U = Z_ll w2[ll]^T, written over Z_ll; then y is written once, coalesced, with the
+// output interleave (y[ss l + ll] = U_ll[ss]). Every operand is zero-padded to
+// multiples of 16 in shared memory; the weights are read from L2 per tile.
+// Per token 2 (k q p + l s r) FLOP; bytes: x read and y written once (2 (k p + l s) for
+// 16-bit storage). At n = 4096, 64 blocks, 8192 tokens: 8.6 GFLOP and 128 MiB, where the
+// composite path also writes and re-reads h and its transposes (about twice the bytes).
+// The shared memory holds the whole intermediate of a tile (16 x k q values, 16-bit):
+// shapes whose h does not fit (k q above about 6000 on 227 KiB) are left to the other
+// implementations. Backward runs on the other implementations. Unverified on a GPU.
+
+constexpr int kMonarchTcThreads = 256;  // 8 warps
+constexpr int kMonarchTile = 16;        // tokens per tile
+
+__host__ __device__ inline int monarch_pad16(int v) {
+  return (v + 15) / 16 * 16;
+}
+
+struct MonarchTcDims {
+  int k, q, p, l, s, r;
+  __host__ __device__ int pp() const { return monarch_pad16(p); }
+  __host__ __device__ int qp() const { return monarch_pad16(q); }
+  __host__ __device__ int rp() const { return monarch_pad16(r); }
+  __host__ __device__ int sp() const { return monarch_pad16(s); }
+  // Row length of a block's region (Z_ll, then U_ll) and the region's stride in elements:
+  // 16 extra elements (32 bytes) keep regions aligned and spread them over the banks.
+  __host__ __device__ int zw() const { return rp() > sp() ? rp() : sp(); }
+  __host__ __device__ int64_t region() const { return int64_t(kMonarchTile) * zw() + 16; }
+  __host__ __device__ int64_t z_bytes() const { return int64_t(l) * region() * 2; }
+  __host__ __device__ int wrow() const { return pp() > rp() ? pp() : rp(); }
+  __host__ __device__ int64_t warp_bytes() const {  // X tile, weight rows, float results
+    return int64_t(kMonarchTile) * pp() * 2 + int64_t(kMonarchTile) * wrow() * 2 +
+           int64_t(kMonarchTile) * (sp() > 16 ? sp() : 16) * 4;
+  }
+  __host__ __device__ int64_t forward_bytes() const {
+    return z_bytes() + int64_t(kMonarchTcThreads / 32) * warp_bytes();
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kMonarchTcThreads)
+    monarch_forward_tc_kernel(const T* __restrict__ x, const T* __restrict__ w1,
+                              const T* __restrict__ w2, T* __restrict__ y, int64_t tokens,
+                              MonarchTcDims d) {
+  using namespace nvcuda;
+  LOWRANK_SHARED_FLOATS(smem_words);
+  char* smem = reinterpret_cast<char*>(smem_words);
+  const int k = d.k, q = d.q, p = d.p, l = d.l, s = d.s, r = d.r;
+  const int pp = d.pp(), qp = d.qp(), rp = d.rp(), sp = d.sp(), zw = d.zw();
+  const int64_t region = d.region(), in = int64_t(k) * p, out = int64_t(l) * s;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  T* zh = reinterpret_cast<T*>(smem);  // l regions of 16 x zw
+  char* mine = smem + d.z_bytes() + warp * d.warp_bytes();
+  T* xw = reinterpret_cast<T*>(mine);                                  // 16 x pp
+  T* ww = xw + kMonarchTile * pp;                                      // 16 x wrow
+  float* fw = reinterpret_cast<float*>(ww + kMonarchTile * d.wrow());  // 16 x max(sp, 16)
+  const T zero = from_float<T>(0.f);
+  for (int64_t t0 = int64_t(blockIdx.x) * kMonarchTile; t0 < tokens;
+       t0 += int64_t(gridDim.x) * kMonarchTile) {
+    const int live = int(tokens - t0 < kMonarchTile ? tokens - t0 : kMonarchTile);
+    __syncthreads();  // the previous tile's output is written
+    for (int64_t e = threadIdx.x; e < int64_t(l) * region; e += blockDim.x) zh[e] = zero;
+    __syncthreads();
+    // Stage 1: tasks (kk, 16 columns of w1[kk]).
+    for (int task = warp; task < k * (qp / 16); task += warps) {
+      const int kk = task / (qp / 16), nt = task - kk * (qp / 16);
+      for (int e = lane; e < kMonarchTile * pp; e += 32) {
+        const int t = e / pp, c = e - (e / pp) * pp;
+        xw[e] = (t < live && c < p) ? x[(t0 + t) * in + int64_t(kk) * p + c] : zero;
+      }
+      for (int e = lane; e < kMonarchTile * pp; e += 32) {
+        const int i = e / pp, c = e - (e / pp) * pp, row = nt * 16 + i;
+        ww[e] = (row < q && c < p) ? w1[(int64_t(kk) * q + row) * p + c] : zero;
+      }
+      __syncwarp();
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int k0 = 0; k0 < pp; k0 += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // w1[kk]^T
+        wmma::load_matrix_sync(fa, xw + k0, pp);
+        wmma::load_matrix_sync(fb, ww + k0, pp);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(fw, acc, 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int t = e / 16, qq = nt * 16 + (e - (e / 16) * 16);
+        if (qq < q) {
+          const int64_t j = int64_t(kk) * q + qq;  // h index; stage 2 reads it as (ll, rr)
+          const int64_t ll = j % l, rr = j / l;
+          zh[ll * region + int64_t(t) * zw + rr] = from_float<T>(fw[e]);
+        }
+      }
+      __syncwarp();  // xw, ww and fw are reused by the warp's next task
+    }
+    __syncthreads();
+    // Stage 2: one warp per block ll, all its output columns; U_ll then replaces Z_ll.
+    for (int ll = warp; ll < l; ll += warps) {
+      T* z = zh + int64_t(ll) * region;
+      for (int nt = 0; nt < sp / 16; ++nt) {
+        for (int e = lane; e < kMonarchTile * rp; e += 32) {
+          const int i = e / rp, c = e - (e / rp) * rp, row = nt * 16 + i;
+          ww[e] = (row < s && c < r) ? w2[(int64_t(ll) * s + row) * r + c] : zero;
+        }
+        __syncwarp();
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.f);
+        for (int k0 = 0; k0 < rp; k0 += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // w2[ll]^T
+          wmma::load_matrix_sync(fa, z + k0, zw);
+          wmma::load_matrix_sync(fb, ww + k0, rp);
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(fw + nt * 16, acc, sp, wmma::mem_row_major);
+        __syncwarp();  // ww is restaged for the next columns
+      }
+      for (int e = lane; e < kMonarchTile * sp; e += 32) {
+        const int t = e / sp, c = e - (e / sp) * sp;
+        z[int64_t(t) * zw + c] = from_float<T>(fw[e]);
+      }
+      __syncwarp();
+    }
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < int64_t(live) * out; e += blockDim.x) {
+      const int64_t t = e / out, o = e - t * out;
+      const int64_t ss = o / l, ll = o - ss * l;
+      y[(t0 + t) * out + o] = zh[ll * region + t * zw + ss];
+    }
+  }
+}
+
 }  // namespace lowrank

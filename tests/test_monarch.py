@@ -240,3 +240,27 @@ def test_projection_bad_input():
         monarch_project(torch.randn(10, 10), 3)
     with pytest.raises(ValueError, match="rank"):
         monarch_project(torch.randn(8, 8), 4, rank=3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens, k, q, p, l, s, r", [
+    (33, 4, 8, 12, 4, 10, 8), (300, 8, 8, 8, 8, 8, 8), (1, 2, 17, 5, 2, 3, 17), (0, 2, 2, 2, 2, 2, 2),
+])  # fmt: skip
+def test_tensor_core_forward_cuda(dtype, tokens, k, q, p, l, s, r):
+    """The tensor-core forward (forced) against the definition; tests/cuda_emulation checks
+    the same kernel on the CPU."""
+    from lowrank.ops import monarch as monarch_ops
+
+    x = torch.randn(tokens, k * p, device="cuda").to(dtype)
+    w1, w2 = (
+        torch.randn(k, q, p, device="cuda").to(dtype),
+        torch.randn(l, s, r, device="cuda").to(dtype),
+    )
+    key = monarch_ops._key(x, k, q, p, l, s, r)
+    y = monarch_ops._forward_dispatch(key, x, x, w1, w2, names=("tensor-core",))
+    ref64 = monarch_matmul_reference(x.double(), w1.double(), w2.double())
+    ref_lowp = monarch_matmul_reference(x.float(), w1.float(), w2.float()).to(dtype)
+    assert y.shape == ref64.shape
+    if tokens:
+        assert_close_lowp(y, ref64, ref_lowp, c=4.0)

@@ -31,3 +31,25 @@ extern "C" void monarch_backward_f32(const float* dy, const float* x, const floa
   emulation::launch(grid, kMonarchThreads, 0, lowrank::monarch_backward_dw2_kernel<float>, dy,
                     static_cast<const float*>(h), dw2, tokens, d);
 }
+
+template <typename T>
+static void forward_tc(const void* x, const void* w1, const void* w2, void* y, int64_t tokens,
+                       int k, int q, int p, int l, int s, int r, unsigned grid) {
+  const lowrank::MonarchTcDims d{k, q, p, l, s, r};
+  emulation::launch(grid, lowrank::kMonarchTcThreads, d.forward_bytes(),
+                    lowrank::monarch_forward_tc_kernel<T>, static_cast<const T*>(x),
+                    static_cast<const T*>(w1), static_cast<const T*>(w2), static_cast<T*>(y),
+                    tokens, d);
+}
+
+extern "C" void monarch_forward_tc_f16(const void* x, const void* w1, const void* w2, void* y,
+                                       int64_t tokens, int k, int q, int p, int l, int s, int r,
+                                       unsigned grid) {
+  forward_tc<__half>(x, w1, w2, y, tokens, k, q, p, l, s, r, grid);
+}
+
+extern "C" void monarch_forward_tc_bf16(const void* x, const void* w1, const void* w2, void* y,
+                                        int64_t tokens, int k, int q, int p, int l, int s, int r,
+                                        unsigned grid) {
+  forward_tc<__nv_bfloat16>(x, w1, w2, y, tokens, k, q, p, l, s, r, grid);
+}

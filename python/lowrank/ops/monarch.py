@@ -253,8 +253,38 @@ def _native_backward(grad, x, w1, w2, need_x, need_w1, need_w2):
     return dx, dw1.to(w1.dtype), dw2.to(w2.dtype)
 
 
+def _tc_applies(x, *_) -> bool:
+    """The tensor-core kernel is for float16/bfloat16 on CUDA."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _tc_unavailable(x, w1, w2):
+    why = _native.unavailable(x)
+    if why is not None:
+        return why
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if not _native._cuda.tensor_cores(device):
+        return "tensor-core kernels need compute capability 8.0 or newer"
+    return _native.unavailable(x, lambda: _native._cuda.monarch_tc_smem_bytes(*w1.shape,
+                                                                             *w2.shape))  # fmt: skip
+
+
+def _tc_forward(x, w1, w2):
+    """Both stages per tile of 16 tokens on tensor cores, the intermediate on chip."""
+    (k, q, p), (l, s, r) = w1.shape, w2.shape
+    x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
+    y = _native.new_output((*x.shape[:-1], l * s), x)
+    _native._cuda.monarch_matmul_tc(
+        _native.DTYPE_CODES[x.dtype], x.data_ptr(), w1.data_ptr(), w2.data_ptr(), y.data_ptr(),
+        math.prod(x.shape[:-1]), k, q, p, l, s, r, *_native.launch_args(x),
+    )  # fmt: skip
+    return y
+
+
 _forward_dispatch = dispatch.Dispatcher("monarch_matmul", (
     dispatch.Impl("native", dispatch.NATIVE, _native_forward, _forward_unavailable),
+    dispatch.Impl("tensor-core", dispatch.NATIVE, _tc_forward, _tc_unavailable,
+                  applies=_tc_applies),
     dispatch.Impl("composite", dispatch.COMPOSITE, _composite_forward),
 ), _static, (0,))  # fmt: skip
 _backward_dispatch = dispatch.Dispatcher("monarch_matmul_backward", (
