@@ -245,7 +245,8 @@ def test_projection_bad_input():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens, k, q, p, l, s, r", [
-    (33, 4, 8, 12, 4, 10, 8), (300, 8, 8, 8, 8, 8, 8), (1, 2, 17, 5, 2, 3, 17), (0, 2, 2, 2, 2, 2, 2),
+    (33, 4, 8, 12, 4, 10, 8), (300, 8, 8, 8, 8, 8, 8), (1, 2, 17, 5, 2, 3, 17),
+    (0, 2, 2, 2, 2, 2, 2),
 ])  # fmt: skip
 def test_tensor_core_forward_cuda(dtype, tokens, k, q, p, l, s, r):
     """The tensor-core forward (forced) against the definition; tests/cuda_emulation checks
