@@ -21,10 +21,12 @@ struct KronDims {
   int64_t forward_words() const {
     return int64_t(p) * q + int64_t(s) * r + int64_t(q) * s + mid() + int64_t(p) * r;
   }
-  // a, b, X, dY, G = a^T dY, Z = X b^T, da, db accumulators.
+  // a, b (rows padded to s + 1), X, dY, G = a^T dY, Z = X b^T (rows padded to r + 1), da,
+  // db accumulators. The padding keeps the transposed reads of b and Z (stride s or r
+  // words, 32-way bank conflicts when that is a multiple of 32) on distinct banks.
   int64_t backward_words() const {
-    return 2 * int64_t(p) * q + 2 * int64_t(r) * s + int64_t(q) * s + int64_t(p) * r +
-           2 * int64_t(q) * r;
+    return 2 * int64_t(p) * q + int64_t(r) * (s + 1) + int64_t(r) * s + int64_t(q) * s +
+           int64_t(p) * r + int64_t(q) * r + int64_t(q) * (r + 1);
   }
 };
 
@@ -81,16 +83,17 @@ __global__ void __launch_bounds__(kKronThreads)
                              KronDims d) {
   LOWRANK_SHARED_FLOATS(smem);
   const int p = d.p, q = d.q, r = d.r, s = d.s;
-  float* as = smem;                // p x q
-  float* bs = as + p * q;          // r x s
-  float* xs = bs + r * s;          // q x s
-  float* dys = xs + q * s;         // p x r
-  float* g = dys + p * r;          // q x r: a^T dY
-  float* z = g + q * r;            // q x r: X b^T
-  float* da_acc = z + q * r;       // p x q
-  float* db_acc = da_acc + p * q;  // r x s
+  const int ldb = s + 1, ldz = r + 1;  // padded rows: see backward_words
+  float* as = smem;                    // p x q
+  float* bs = as + p * q;              // r x s (ld s + 1)
+  float* xs = bs + r * ldb;            // q x s
+  float* dys = xs + q * s;             // p x r
+  float* g = dys + p * r;              // q x r: a^T dY
+  float* z = g + q * r;                // q x r: X b^T (ld r + 1)
+  float* da_acc = z + q * ldz;         // p x q
+  float* db_acc = da_acc + p * q;      // r x s
   stage(as, a, p * q);
-  stage(bs, b, r * s);
+  for (int e = threadIdx.x; e < r * s; e += blockDim.x) bs[(e / s) * ldb + e % s] = to_float(b[e]);
   for (int e = threadIdx.x; e < p * q; e += blockDim.x) da_acc[e] = 0.f;
   for (int e = threadIdx.x; e < r * s; e += blockDim.x) db_acc[e] = 0.f;
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
@@ -98,11 +101,11 @@ __global__ void __launch_bounds__(kKronThreads)
     stage(xs, x + t * q * s, q * s);
     stage(dys, dy + t * p * r, p * r);
     __syncthreads();
-    block_gemm<false>(q, r, p, as, 1, q, dys, r, 1, g, r);  // a^T dY
-    block_gemm<false>(q, r, s, xs, s, 1, bs, 1, s, z, r);   // X b^T: B(k, j) = b[j, k]
+    block_gemm<false>(q, r, p, as, 1, q, dys, r, 1, g, r);     // a^T dY
+    block_gemm<false>(q, r, s, xs, s, 1, bs, 1, ldb, z, ldz);  // X b^T: B(k, j) = b[j, k]
     __syncthreads();
-    block_gemm<true>(r, s, q, g, 1, r, xs, s, 1, db_acc, s);   // += G^T X
-    block_gemm<true>(p, q, r, dys, r, 1, z, 1, r, da_acc, q);  // += dY Z^T: B(k, j) = Z[j, k]
+    block_gemm<true>(r, s, q, g, 1, r, xs, s, 1, db_acc, s);     // += G^T X
+    block_gemm<true>(p, q, r, dys, r, 1, z, 1, ldz, da_acc, q);  // += dY Z^T: B(k, j) = Z[j, k]
   }
   __syncthreads();
   for (int e = threadIdx.x; e < p * q; e += blockDim.x) atomicAdd(da + e, da_acc[e]);

@@ -52,10 +52,14 @@ __global__ void __launch_bounds__(kSketchThreads)
     __syncthreads();  // the previous row's columns are read out
     for (int64_t j = threadIdx.x; j < n2; j += blockDim.x)
       buffer[j] = j < n ? to_float(a[row * n + j]) * to_float(signs[j]) : 0.f;
-    for (int64_t h = 1; h < n2; h *= 2) {
+    // n2 (a power of two) fits shared memory, so 32-bit indices and shifts suffice: the
+    // butterfly pair of idx at stage 2^lg is j = (idx >> lg) << (lg + 1) | (idx & (2^lg - 1)).
+    const int half = int(n2 / 2);
+    for (int lg = 0; (int64_t(1) << lg) < n2; ++lg) {
       __syncthreads();
-      for (int64_t idx = threadIdx.x; idx < n2 / 2; idx += blockDim.x) {
-        const int64_t j = (idx / h) * 2 * h + idx % h;
+      const int h = 1 << lg;
+      for (int idx = threadIdx.x; idx < half; idx += blockDim.x) {
+        const int j = ((idx >> lg) << (lg + 1)) | (idx & (h - 1));
         const float u = buffer[j], v = buffer[j + h];
         buffer[j] = u + v;
         buffer[j + h] = u - v;

@@ -60,12 +60,24 @@ void sparse_rows_cuda(int dtype, int index_code, std::uintptr_t x, int64_t token
                       std::uintptr_t stream_handle) {
   cudaStream_t stream = use_device(device, stream_handle);
   if (tokens == 0 || nnz == 0) return;
-  const unsigned grid =
-      unsigned(std::max<int64_t>(1, std::min<int64_t>(tokens, multiprocessors(device) * 8)));
   dispatch_cuda_float(static_cast<DType>(dtype), [&](auto tag) {
     using T = decltype(tag);
     dispatch_index(index_code, [&](auto itag) {
       using I = decltype(itag);
+      if (!transpose) {  // warp per (row, token chunk): deterministic
+        const int64_t chunks = (tokens + kSparseTokenChunk - 1) / kSparseTokenChunk;
+        const int64_t warps = y_width * chunks, per_block = kSLTrainThreads / 32;
+        const unsigned grid =
+            unsigned(std::max<int64_t>(1, std::min<int64_t>((warps + per_block - 1) / per_block,
+                                                            int64_t(multiprocessors(device)) * 8)));
+        sparse_rows_warp_kernel<T, I><<<grid, kSLTrainThreads, kSLTrainThreads * 4, stream>>>(
+            as_ptr<const T>(x), tokens, x_width, as_ptr<const T>(values), as_ptr<const I>(indices),
+            nnz, cols, as_ptr<float>(y), y_width);
+        check_launch("sparse_rows_warp_kernel");
+        return;
+      }
+      const unsigned grid =
+          unsigned(std::max<int64_t>(1, std::min<int64_t>(tokens, multiprocessors(device) * 8)));
       sparse_rows_kernel<T, I><<<grid, kSLTrainThreads, 0, stream>>>(
           as_ptr<const T>(x), tokens, x_width, as_ptr<const T>(values), as_ptr<const I>(indices),
           nnz, cols, transpose, as_ptr<float>(y), y_width);

@@ -37,8 +37,10 @@ __global__ void __launch_bounds__(kSLTrainThreads)
     w[indices[k]] = from_float<T>(to_float(w[indices[k]]) + to_float(values[k]));
 }
 
-// y[t, row_k] += v_k x[t, col_k] (or, transposed, y[t, col_k] += v_k x[t, row_k]) into a
-// float32 accumulator; one block per token (grid-stride), threads over the nonzeros.
+// y[t, col_k] += v_k x[t, row_k] (the transposed product) into a float32 accumulator;
+// one block per token (grid-stride), threads over the nonzeros, float atomics: the
+// columns of a row-sorted support are scattered. The product itself
+// (transpose = false) takes sparse_rows_warp_kernel.
 template <typename T, typename I>
 __global__ void __launch_bounds__(kSLTrainThreads)
     sparse_rows_kernel(const T* __restrict__ x, int64_t tokens, int64_t x_width,
@@ -50,6 +52,60 @@ __global__ void __launch_bounds__(kSLTrainThreads)
       const int64_t from = transpose ? row : col, to = transpose ? col : row;
       atomicAdd(y + t * y_width + to, to_float(values[k]) * to_float(x[t * x_width + from]));
     }
+}
+
+// First k with indices[k] >= target (the indices are sorted ascending).
+template <typename I>
+__device__ __forceinline__ int64_t first_at_least(const I* indices, int64_t nnz, int64_t target) {
+  int64_t lo = 0, hi = nnz;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (int64_t(indices[mid]) < target)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+constexpr int kSparseTokenChunk = 64;
+
+// y[t, row] += sum over the row's nonzeros of v_k x[t, col_k]. One warp per (row, chunk of
+// 64 tokens): the row's nonzeros are contiguous in the sorted support (two binary searches
+// per task), the lanes stride over them, and lane 0 adds the 32 partial sums in a fixed
+// order: no atomics, deterministic, and a single token (a decode step) spreads over every
+// SM, where one block per token ran on one. Shared memory: one float per thread.
+// Per token 2 nnz FLOP; bytes: the nonzeros once per task, x and y per token.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kSLTrainThreads)
+    sparse_rows_warp_kernel(const T* __restrict__ x, int64_t tokens, int64_t x_width,
+                            const T* __restrict__ values, const I* __restrict__ indices,
+                            int64_t nnz, int64_t cols, float* __restrict__ y, int64_t y_width) {
+  LOWRANK_SHARED_FLOATS(partial);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int64_t chunks = (tokens + kSparseTokenChunk - 1) / kSparseTokenChunk;
+  for (int64_t task = int64_t(blockIdx.x) * warps + warp; task < y_width * chunks;
+       task += int64_t(gridDim.x) * warps) {
+    const int64_t row = task / chunks, chunk = task - row * chunks;
+    const int64_t begin = first_at_least(indices, nnz, row * cols);
+    const int64_t end = first_at_least(indices, nnz, (row + 1) * cols);
+    const int64_t t_end =
+        (chunk + 1) * kSparseTokenChunk < tokens ? (chunk + 1) * kSparseTokenChunk : tokens;
+    for (int64_t t = chunk * kSparseTokenChunk; t < t_end; ++t) {
+      float sum = 0.f;
+      for (int64_t k = begin + lane; k < end; k += 32)
+        sum = fmaf(to_float(values[k]), to_float(x[t * x_width + int64_t(indices[k]) - row * cols]),
+                   sum);
+      partial[threadIdx.x] = sum;
+      __syncwarp();
+      if (lane == 0) {
+        float total = 0.f;
+        for (int i = 0; i < 32; ++i) total += partial[warp * 32 + i];
+        y[t * y_width + row] += total;
+      }
+      __syncwarp();  // the partials are read before the next token overwrites them
+    }
+  }
 }
 
 // g[k] = sum_t dy[t, row_k] x[t, col_k]: one thread per nonzero.

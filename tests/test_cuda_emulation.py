@@ -298,8 +298,9 @@ def emulated_sltrain(tmp_path_factory):
     return build("sltrain_entry.cpp", tmp_path_factory.mktemp("emulation"))
 
 
-def test_sltrain_kernels(emulated_sltrain):
-    out, inp, rank, nnz, tokens = 9, 7, 3, 20, 5
+@pytest.mark.parametrize("out, inp, nnz, tokens", [(9, 7, 20, 5), (40, 50, 700, 70), (3, 4, 1, 1)])
+def test_sltrain_kernels(emulated_sltrain, out, inp, nnz, tokens):
+    rank = 3
     b, a = torch.randn(out, rank), torch.randn(rank, inp)
     idx = torch.sort(torch.randperm(out * inp)[:nnz]).values.to(torch.int32)
     values = torch.randn(nnz)

@@ -19,6 +19,12 @@ extern "C" void sparse_rows_f32(const float* x, int64_t tokens, int64_t x_width,
                                 const float* values, const int32_t* indices, int64_t nnz,
                                 int64_t cols, bool transpose, float* y, int64_t y_width,
                                 unsigned grid) {
+  if (!transpose) {  // as the CUDA launcher: warp per (row, token chunk)
+    emulation::launch(grid, kSLTrainThreads, kSLTrainThreads * sizeof(float),
+                      lowrank::sparse_rows_warp_kernel<float, int32_t>, x, tokens, x_width, values,
+                      indices, nnz, cols, y, y_width);
+    return;
+  }
   emulation::launch(grid, kSLTrainThreads, 0, lowrank::sparse_rows_kernel<float, int32_t>, x,
                     tokens, x_width, values, indices, nnz, cols, transpose, y, y_width);
 }
