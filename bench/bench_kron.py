@@ -83,9 +83,13 @@ def run(device: torch.device, quick: bool) -> list[Result]:
         fwd = time_ms_many(forwards, device, rotate=rotate)
         both = time_ms_many(boths, device, rotate=rotate)
         chose = auto_choices(mark)
+        # the op's minimum work and traffic: the cheaper product order; x, y, a, b once
+        flop = 2 * tokens * min(q * s * r + p * q * r, p * q * s + p * s * r)
+        traffic = (tokens * (q * s + p * r) + p * q + r * s) * elem
         for impl in IMPLS:
             extra = {"auto_chose": chose} if impl == "lowrank" else {}
             results.append(Result("kron", case + " fwd", impl, fwd[impl],
-                                  {"memory_floor_ms": floor_ms, **extra}))  # fmt: skip
+                                  {"memory_floor_ms": floor_ms, "flop": flop, "bytes": traffic,
+                                   **extra}))  # fmt: skip
             results.append(Result("kron", case + " fwd+bwd", impl, both[impl], extra))
     return results

@@ -99,6 +99,9 @@ def measure(device, n, nblocks, tokens, dtype, bandwidth):
         "dense F.linear": F.linear,
     }
     h_mib = tokens * w1.shape[0] * w1.shape[1] * x.element_size() / 2**20
+    # the op's minimum work and traffic (the dense row does more, counted the same way)
+    flop = 2 * tokens * (w1.numel() + w2.numel())
+    traffic = (2 * tokens * n + w1.numel() + w2.numel()) * x.element_size()
     forwards, boths = {}, {}
     for impl, fn in impls.items():
         weights = (dense,) if impl == "dense F.linear" else (w1, w2)
@@ -121,7 +124,8 @@ def measure(device, n, nblocks, tokens, dtype, bandwidth):
         extra = {"auto_chose": chose} if impl == "lowrank" else {}
         saved = h_mib if impl == "original two-bmm" else 0.0
         results.append(Result("monarch", f"{label} fwd", impl, fwd_ms[impl],
-                              {"memory_floor_ms": floor_ms, **extra}))  # fmt: skip
+                              {"memory_floor_ms": floor_ms, "flop": flop, "bytes": traffic,
+                               **extra}))  # fmt: skip
         results.append(Result("monarch", f"{label} fwd+bwd", impl, both_ms[impl],
                               {"saved_MiB": saved, **extra}))  # fmt: skip
     return results

@@ -73,6 +73,27 @@ def speedups(results: list[dict]) -> None:
         r["lowrank_speedup"] = (r["ms"] / ours) if ours else None
 
 
+def add_rates(results: list[dict]) -> None:
+    """Achieved GB/s and TFLOP/s for rows whose case states its minimum bytes and FLOPs."""
+    for r in results:
+        extra = r["extra"]
+        if "flop" in extra and r["ms"] > 0:
+            extra["TFLOP/s"] = extra["flop"] / (r["ms"] * 1e-3) / 1e12
+            extra["GB/s"] = extra["bytes"] / (r["ms"] * 1e-3) / 1e9
+
+
+def device_peaks(device: torch.device) -> dict:
+    """What the device does through torch: copy bandwidth and a large GEMM's rate."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {
+        "copy_GB/s": harness.measure_bandwidth_gbs(device),
+        f"matmul_TFLOP/s ({str(dtype).replace('torch.', '')})": harness.measure_matmul_gflops(
+            device, dtype
+        )
+        / 1e3,
+    }
+
+
 def print_table(results: list[dict]) -> None:
     header = f"{'suite':10s} {'case':44s} {'impl':22s} {'ms':>10s} {'lowrank x':>10s}"
     print(header)
@@ -82,13 +103,17 @@ def print_table(results: list[dict]) -> None:
         sp_text = "" if sp is None or r["impl"] == "lowrank" else f"{sp:.2f}"
         extra = "  " + ", ".join(
             f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}: {v}"
-            for k, v in r["extra"].items()
+            for k, v in skip_work_counts(r["extra"]).items()
             if v is not None
         )
         print(
             f"{r['suite']:10s} {r['case'][:44]:44s} {r['impl'][:22]:22s} "
             f"{r['ms']:10.4f} {sp_text:>10s}{extra if r['extra'] else ''}"
         )
+
+
+def skip_work_counts(extra: dict) -> dict:
+    return {k: v for k, v in extra.items() if k not in ("flop", "bytes")}
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -142,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running suite {name} on {device} ...", flush=True)
         results.extend(r.as_dict() for r in module.run(device, args.quick))
     speedups(results)
+    add_rates(results)
+    peaks = device_peaks(device) if any("flop" in r["extra"] for r in results) else {}
 
     stamp = datetime.datetime.now(datetime.timezone.utc)
     report = {
@@ -155,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "quick": args.quick,
         "cpu_peak": args.cpu_peak,
+        "peaks": peaks,
         "results": results,
         "dispatch": lowrank.dispatch.report(),
     }
     print()
+    if peaks:
+        print("device peaks: " + ", ".join(f"{k} {v:.4g}" for k, v in peaks.items()))
     print_table(results)
     print()
     print("dispatch choices (lowrank.dispatch.report()):")
