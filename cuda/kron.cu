@@ -178,6 +178,10 @@ void bind_kron(py::module_& m) {
         py::call_guard<py::gil_scoped_release>(),
         "da, db (float32) of kron_matmul on tensor cores, deterministic (no atomics).");
   m.def("kron_tc_tile", &kron_tc_tile);
+  m.def("kron_tc_smem_bytes", [](int p, int q, int r, int s, bool grads) {
+    const KronTcDims d{p, q, r, s, 1};
+    return grads ? d.grads_bytes() : d.forward_bytes();
+  });
   m.def("kron_tc_grad_blocks", &kron_tc_grad_blocks);
   m.def("tensor_cores", &tensor_cores);
   m.def("kron_matmul", &kron_matmul_cuda, py::call_guard<py::gil_scoped_release>(),

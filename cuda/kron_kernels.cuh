@@ -234,6 +234,19 @@ __device__ __forceinline__ void tc_gemm(int M, int N, int K, const T* a, int lda
   }
 }
 
+// xs (T qp x sp) = the tile's X_t stacked, zero-padded (rows of absent tokens too).
+template <typename T>
+__device__ __forceinline__ void stage_x_tile(const KronTcDims& d, const T* __restrict__ x,
+                                             int64_t t0, int live, T* xs) {
+  const int q = d.q, s = d.s, qp = d.qp(), sp = d.sp();
+  const T zero = from_float<T>(0.f);
+  for (int e = threadIdx.x; e < d.tile * qp * sp; e += blockDim.x) {
+    const int tt = e / (qp * sp), rest = e - tt * qp * sp;
+    const int i = rest / sp, j = rest - (rest / sp) * sp;
+    xs[e] = (tt < live && i < q && j < s) ? x[(t0 + tt) * q * s + int64_t(i) * s + j] : zero;
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void to_storage(T* dst, const float* src, int64_t n) {
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) dst[e] = from_float<T>(src[e]);
@@ -260,11 +273,7 @@ __global__ void __launch_bounds__(kKronTcThreads)
   for (int64_t t0 = int64_t(blockIdx.x) * d.tile; t0 < tokens; t0 += int64_t(gridDim.x) * d.tile) {
     const int live = int(tokens - t0 < d.tile ? tokens - t0 : d.tile);
     __syncthreads();  // the previous tile is done with xs, zh and f
-    for (int e = threadIdx.x; e < d.tile * qp * sp; e += blockDim.x) {
-      const int tt = e / (qp * sp), rest = e - tt * qp * sp;
-      const int i = rest / sp, j = rest - (rest / sp) * sp;
-      xs[e] = (tt < live && i < q && j < s) ? x[(t0 + tt) * q * s + int64_t(i) * s + j] : zero;
-    }
+    stage_x_tile(d, x, t0, live, xs);
     __syncthreads();
     kron_tc_stage1(d, xs, bs, f);
     __syncthreads();
@@ -316,11 +325,7 @@ __global__ void __launch_bounds__(kKronTcThreads)
   for (int64_t t0 = int64_t(blockIdx.x) * d.tile; t0 < tokens; t0 += int64_t(gridDim.x) * d.tile) {
     const int live = int(tokens - t0 < d.tile ? tokens - t0 : d.tile);
     __syncthreads();
-    for (int e = threadIdx.x; e < d.tile * qp * sp; e += blockDim.x) {
-      const int tt = e / (qp * sp), rest = e - tt * qp * sp;
-      const int i = rest / sp, j = rest - (rest / sp) * sp;
-      xs[e] = (tt < live && i < q && j < s) ? x[(t0 + tt) * q * s + int64_t(i) * s + j] : zero;
-    }
+    stage_x_tile(d, x, t0, live, xs);
     for (int e = threadIdx.x; e < pp * ldz; e += blockDim.x) {
       const int i = e / ldz, col = e - (e / ldz) * ldz;
       const int tt = col / rp, j = col - (col / rp) * rp;

@@ -250,7 +250,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW rate (GaLore: 4x on the projected weights)")
+    parser.add_argument("--lr", type=float, default=5e-4,
+                        help="AdamW's rate (GaLore: 4x on the projected weights)")  # fmt: skip
     parser.add_argument("--methods", nargs="*", default=None, help="a subset, by name prefix")
     parser.add_argument("--out", default=os.path.join("bench", "out"))
     args = parser.parse_args(argv)

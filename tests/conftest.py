@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank import _native
 
@@ -72,3 +73,21 @@ def assert_close_lowp(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Te
     ref_err = (ref_lowp.double() - ref64).abs()
     atol = 1e-2 * ref64.abs().max().clamp_min(1.0)
     assert bool((err <= c * ref_err + atol).all()), float((err - c * ref_err).max())
+
+
+class RecordShapes(TorchDispatchMode):
+    """Records the shape of every tensor an op computes (views excluded): to check that a
+    layer never forms some matrix, forward or backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch.Tag.view_copy in func.tags or func.is_view or "detach" in str(func):
+            return out  # views of existing tensors compute nothing
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out

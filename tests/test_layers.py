@@ -61,6 +61,12 @@ def outputs(layer: nn.Module, dtype=torch.float32) -> torch.Tensor:
     return layer(x.to(dtype))
 
 
+def same_function(one: nn.Module, other: nn.Module) -> bool:
+    """Equal parameters give equal outputs, up to the rounding of whichever implementation
+    the dispatch runs for each call (they may differ in the last bits)."""
+    return relative_error(outputs(one), outputs(other)) <= 1e-6
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_behaves_like_linear(kind):
     layer = make(kind, dtype=torch.float64)
@@ -84,7 +90,7 @@ def test_state_dict_round_trip(kind):
     layer, other = make(kind, 0), make(kind, 1)
     layer.projection_error = 0.125
     other.load_state_dict(layer.state_dict())
-    assert torch.equal(outputs(other), outputs(layer))
+    assert same_function(other, layer)
     if kind != "kron_adapter":
         assert other.projection_error == 0.125
 
@@ -95,7 +101,7 @@ def test_state_dict_without_extra_state_loads_strictly():
     state = {k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")}
     fresh = make("lowrank", 1)
     fresh.load_state_dict(state, strict=True)
-    assert torch.equal(outputs(fresh), outputs(layer))
+    assert same_function(fresh, layer)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -108,7 +114,7 @@ def test_pickle_and_deepcopy(kind):
     loaded = torch.load(buffer, weights_only=False)
     copies = [loaded, pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)]
     for twin in copies:
-        assert torch.equal(outputs(twin), outputs(layer))
+        assert same_function(twin, layer)
         assert twin.projection_error == 0.25 or kind == "kron_adapter"
         assert all(p is not q for p, q in zip(twin.parameters(), layer.parameters()))
 

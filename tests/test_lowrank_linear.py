@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error
+from conftest import RecordShapes, relative_error
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank.nn import LowRankLinear
 from lowrank.nn.lowrank import cholesky_damped
@@ -31,24 +30,11 @@ def test_forward_is_the_factored_product():
     assert "rank=4" in repr(layer) and layer.weight.shape == (12, 20)
 
 
-class _Shapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 def test_no_dense_weight_forward_or_backward():
     out_f, in_f = 48, 40
     layer = LowRankLinear(in_f, out_f, 3)
     x = torch.randn(7, in_f, requires_grad=True)
-    with _Shapes() as seen:
+    with RecordShapes() as seen:
         layer(x).square().sum().backward()
     assert (out_f, in_f) not in seen.shapes and (in_f, out_f) not in seen.shapes
     assert layer.A.grad.shape == (3, in_f) and layer.B.grad.shape == (out_f, 3)

@@ -103,6 +103,18 @@ def unavailable(t: torch.Tensor, smem_bytes: Callable[[], int] | None = None) ->
     return None
 
 
+def tensor_cores_unavailable(t: torch.Tensor, smem_bytes: Callable[[], int]) -> str | None:
+    """Why a tensor-core kernel cannot run on t (a CUDA float16/bfloat16 tensor), or None:
+    the module, compute capability 8.0 or newer, and ``smem_bytes()`` of shared memory."""
+    why = unavailable(t)
+    if why is not None:
+        return why
+    device = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if not _cuda.tensor_cores(device):
+        return "tensor-core kernels need compute capability 8.0 or newer"
+    return unavailable(t, smem_bytes)
+
+
 def module(t: torch.Tensor) -> ModuleType:
     """The native module for t's device (the caller has checked :func:`unavailable`)."""
     return _C if t.is_cpu else _cuda

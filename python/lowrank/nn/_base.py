@@ -46,3 +46,55 @@ class StructuredLinear(OptionalExtraState):
     def set_extra_state(self, state: Any) -> None:
         if isinstance(state, dict):
             self.projection_error = state.get("projection_error")
+
+
+class AdapterLinear(OptionalExtraState):
+    """Base of the adapters around a frozen ``nn.Linear`` (``self.base``): the subclass
+    gives ``delta_weight()``, the dense ``(out, in)`` change, and keeps ``self.merged``.
+    Provides the features, a read-only dense :attr:`weight`, and merging."""
+
+    base: nn.Linear
+    merged: bool
+
+    def delta_weight(self) -> torch.Tensor:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The adapted layer's dense weight, ``W + delta_weight()`` (``W`` alone once merged),
+        computed on access (not a parameter): for code that reads ``module.weight``."""
+        if self.merged:
+            return self.base.weight
+        return self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+
+    def to_dense(self) -> torch.Tensor:
+        """The adapted layer's ``(out_features, in_features)`` weight (see :attr:`weight`)."""
+        return self.weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Adds the change into the base weight (then forward is the base layer alone)."""
+        name = type(self).__name__
+        if self.merged:
+            raise RuntimeError(f"{name}.merge: the adapter is already merged")
+        merged = self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"{name}.merge: the merged weight would contain NaN or Inf")
+        self.base.weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtracts the change from the base weight again."""
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__}.unmerge: the adapter is not merged")
+        self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
+        self.merged = False

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lowrank import _validate as check
-from lowrank.nn._base import OptionalExtraState
+from lowrank.nn._base import AdapterLinear
 from lowrank.ops.kron import kron_matmul_add, kron_matmul_add_
 
 _FACTOR_NAMES = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
@@ -67,7 +67,7 @@ def lokr_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
-class KronAdapter(OptionalExtraState):
+class KronAdapter(AdapterLinear):
     """Kronecker adapter around a frozen ``nn.Linear``.
 
     Args:
@@ -172,26 +172,6 @@ class KronAdapter(OptionalExtraState):
             rows = self.w1_b @ rows
         return rows.reshape(*x.shape[:-1], -1)
 
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense weight of the adapted layer, ``W + delta_weight()`` (``W`` alone once
-        merged), computed on access: for code that reads ``module.weight``."""
-        if self.merged:
-            return self.base.weight
-        return self.base.weight + self.delta_weight().to(self.base.weight.dtype)
-
-    def to_dense(self) -> torch.Tensor:
-        """The adapted layer's ``(out_features, in_features)`` weight (see :attr:`weight`)."""
-        return self.weight
-
     def delta_weight(self) -> torch.Tensor:
         """The ``(out, in)`` weight change ``scale * kron(w1, w2)`` (formed: for merging)."""
         w1 = self.w1 if self.w1 is not None else self.w1_a @ self.w1_b
@@ -213,27 +193,6 @@ class KronAdapter(OptionalExtraState):
         if needs_grad or torch.compiler.is_compiling():
             return kron_matmul_add(y, inner, w1, w2, self.scale)
         return kron_matmul_add_(y, inner, w1, w2, self.scale)  # inference: in place
-
-    # ---- merging ----------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Adds the weight change into the base weight (then forward is the base layer alone)."""
-        if self.merged:
-            raise RuntimeError("KronAdapter.merge: the adapter is already merged")
-        merged = self.base.weight + self.delta_weight().to(self.base.weight.dtype)
-        if not torch.isfinite(merged).all():
-            raise ValueError("KronAdapter.merge: the merged weight would contain NaN or Inf")
-        self.base.weight.copy_(merged)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtracts the weight change from the base weight again."""
-        if not self.merged:
-            raise RuntimeError("KronAdapter.unmerge: the adapter is not merged")
-        self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
-        self.merged = False
 
     def get_extra_state(self) -> dict:
         return {"merged": self.merged}

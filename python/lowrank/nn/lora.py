@@ -48,7 +48,7 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.linalg.rsvd import rsvd
-from lowrank.nn._base import OptionalExtraState
+from lowrank.nn._base import AdapterLinear
 from lowrank.nn.calibration import InputStats
 
 INITS = ("gaussian", "kaiming", "pissa", "olora", "eva", "corda")
@@ -56,7 +56,7 @@ MUTATING = ("pissa", "olora", "corda")  # inits that rewrite the base weight
 DATA_DRIVEN = ("eva", "corda")
 
 
-class LoRAAdapter(OptionalExtraState):
+class LoRAAdapter(AdapterLinear):
     """LoRA around a frozen ``nn.Linear`` (module docstring).
 
     Args:
@@ -130,14 +130,6 @@ class LoRAAdapter(OptionalExtraState):
         with torch.no_grad():
             self._initialise(stats, svd, n_iter, corda_method, seed)
 
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
     # ---- initialisation ---------------------------------------------------------------------
 
     def _initialise(self, stats, svd, n_iter, corda_method, seed) -> None:
@@ -191,35 +183,6 @@ class LoRAAdapter(OptionalExtraState):
     def delta_weight(self) -> torch.Tensor:
         """The ``(out, in)`` weight change ``scale * B A`` (formed: for merging)."""
         return self.scale * (self.B @ self.A)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The adapted layer's dense weight, computed on access (not a parameter)."""
-        if self.merged:
-            return self.base.weight
-        return self.base.weight + self.delta_weight().to(self.base.weight.dtype)
-
-    def to_dense(self) -> torch.Tensor:
-        return self.weight
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Adds the change into the base weight (then forward is the base layer alone)."""
-        if self.merged:
-            raise RuntimeError("LoRAAdapter.merge: the adapter is already merged")
-        merged = self.base.weight + self.delta_weight().to(self.base.weight.dtype)
-        if not torch.isfinite(merged).all():
-            raise ValueError("LoRAAdapter.merge: the merged weight would contain NaN or Inf")
-        self.base.weight.copy_(merged)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtracts the change from the base weight again."""
-        if not self.merged:
-            raise RuntimeError("LoRAAdapter.unmerge: the adapter is not merged")
-        self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
-        self.merged = False
 
     def original_weight(self) -> torch.Tensor:
         """The base weight before an output-preserving init rewrote it (``W_res + s B0 A0``;

@@ -256,16 +256,11 @@ def _tc_applies(x, *_) -> bool:
 
 def _tc_unavailable(x, a, b, *_, grads: bool = False):
     """Why the tensor-core kernels cannot run here (where they apply), or None."""
-    why = _native.unavailable(x)
-    if why is not None:
-        return why
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if not _native._cuda.tensor_cores(device):
-        return "tensor-core kernels need compute capability 8.0 or newer"
     (p, q), (r, s) = a.shape, b.shape
-    if _native._cuda.kron_tc_tile(p, q, r, s, grads, device) == 0:
-        return "the padded factors exceed shared memory for the tensor-core kernel"
-    return None
+    return _native.tensor_cores_unavailable(
+        x,
+        lambda: _native._cuda.kron_tc_smem_bytes(p, q, r, s, grads),  # one token per tile
+    )
 
 
 def _forward_tc(x, a, b, base, scale, out=None):

@@ -259,14 +259,8 @@ def _tc_applies(x, *_) -> bool:
 
 
 def _tc_unavailable(x, w1, w2):
-    why = _native.unavailable(x)
-    if why is not None:
-        return why
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if not _native._cuda.tensor_cores(device):
-        return "tensor-core kernels need compute capability 8.0 or newer"
     shapes = (*w1.shape, *w2.shape)
-    return _native.unavailable(x, lambda: _native._cuda.monarch_tc_smem_bytes(*shapes))
+    return _native.tensor_cores_unavailable(x, lambda: _native._cuda.monarch_tc_smem_bytes(*shapes))
 
 
 def _tc_forward(x, w1, w2):
