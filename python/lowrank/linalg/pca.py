@@ -11,7 +11,6 @@ import torch
 
 from lowrank.linalg.operator import Operator, as_operator
 from lowrank.linalg.rsvd import (
-    _auto_iterations,
     _check_options,
     _out_of_core,
     from_numpy,
@@ -72,7 +71,6 @@ def _streamed(A, rank, *, oversample=10, n_iter=2, normalizer="auto", sketch="ga
               progress=None):  # fmt: skip
     rank, oversample, n_iter, _ = _check_options(rank, oversample, n_iter, normalizer, sketch,
                                                  None, None)  # fmt: skip
-    n_iter = _auto_iterations(n_iter, rank, A.shape[-2:])
     return _out_of_core(A, rank, oversample, n_iter, normalizer, sketch, None, None,
                         resolve_seed(seed, generator), compute_dtype, device, max_memory,
                         progress, center=True)  # fmt: skip

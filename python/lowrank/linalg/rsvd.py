@@ -94,7 +94,6 @@ def rsvd(
     rank, oversample, n_iter, max_rank = _check_options(rank, oversample, n_iter, normalizer,
                                                         sketch, tol, max_rank)  # fmt: skip
     if isinstance(A, np.memmap) or max_memory is not None:
-        n_iter = _auto_iterations(n_iter, rank, A.shape[-2:])
         return _out_of_core(A, rank, oversample, n_iter, normalizer, sketch, tol, init,
                             resolve_seed(seed, generator), compute_dtype, device, max_memory,
                             progress)  # fmt: skip
@@ -188,6 +187,7 @@ def _out_of_core(a, rank, oversample, n_iter, normalizer, sketch, tol, init, see
         panels.mean = panels.column_mean()
     if not 1 <= rank <= min(panels.m, panels.n):
         raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(panels.m, panels.n)}]")
+    n_iter = _auto_iterations(n_iter, rank, (panels.m, panels.n))
     l = min(rank + oversample, panels.m, panels.n)
     normalizer = "cholqr2" if normalizer == "auto" else normalizer
     q, bt = streamed_range(panels, l, n_iter, normalizer, sketch, seed)
