@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 
 #include "common.cuh"
 #include "monarch_kernels.cuh"
@@ -76,29 +77,36 @@ void monarch_backward_cuda(int dtype, std::uintptr_t dy, std::uintptr_t x, std::
   });
 }
 
-int64_t monarch_tc_smem_bytes(int k, int q, int p, int l, int s, int r) {
-  return MonarchTcDims{k, q, p, l, s, r}.forward_bytes();
+int64_t monarch_tc_smem_bytes(int k, int q, int p, int l, int s, int r, bool transposed) {
+  return MonarchTcDims{k, q, p, l, s, r, transposed}.smem_bytes();
 }
 
-void monarch_matmul_tc_cuda(int dtype, std::uintptr_t x, std::uintptr_t w1, std::uintptr_t w2,
-                            std::uintptr_t y, int64_t tokens, int k, int q, int p, int l, int s,
-                            int r, int device, std::uintptr_t stream_handle) {
+// y = M x, or with transposed dx = M^T dy (src (tokens, l*s), dst (tokens, k*p)).
+void monarch_matmul_tc_cuda(int dtype, std::uintptr_t src, std::uintptr_t w1, std::uintptr_t w2,
+                            std::uintptr_t dst, int64_t tokens, int k, int q, int p, int l, int s,
+                            int r, bool transposed, int device, std::uintptr_t stream_handle) {
   cudaStream_t stream = use_device(device, stream_handle);
   if (tokens == 0) return;
-  const MonarchTcDims d{k, q, p, l, s, r};
-  auto launch = [&](auto tag) {
+  const MonarchTcDims d{k, q, p, l, s, r, transposed};
+  const size_t bytes = size_t(d.smem_bytes());
+  const unsigned grid = blocks_for((tokens + kMonarchTile - 1) / kMonarchTile, device, 2);
+  auto launch = [&](auto tag, auto direction) {
     using T = decltype(tag);
-    const size_t bytes = size_t(d.forward_bytes());
-    allow_shared(monarch_forward_tc_kernel<T>, bytes, device, "monarch_matmul");
-    const int64_t tiles = (tokens + kMonarchTile - 1) / kMonarchTile;
-    monarch_forward_tc_kernel<T>
-        <<<blocks_for(tiles, device, 2), kMonarchTcThreads, bytes, stream>>>(
-            as_ptr<const T>(x), as_ptr<const T>(w1), as_ptr<const T>(w2), as_ptr<T>(y), tokens, d);
-    check_launch("monarch_forward_tc_kernel");
+    constexpr bool kTransposed = decltype(direction)::value;
+    allow_shared(monarch_tc_kernel<T, kTransposed>, bytes, device, "monarch_matmul");
+    monarch_tc_kernel<T, kTransposed><<<grid, kMonarchTcThreads, bytes, stream>>>(
+        as_ptr<const T>(src), as_ptr<const T>(w1), as_ptr<const T>(w2), as_ptr<T>(dst), tokens, d);
+    check_launch("monarch_tc_kernel");
+  };
+  auto in_direction = [&](auto tag) {
+    if (transposed)
+      launch(tag, std::true_type{});
+    else
+      launch(tag, std::false_type{});
   };
   switch (static_cast<DType>(dtype)) {
-    case DType::Float16: launch(__half{}); return;
-    case DType::BFloat16: launch(__nv_bfloat16{}); return;
+    case DType::Float16: in_direction(__half{}); return;
+    case DType::BFloat16: in_direction(__nv_bfloat16{}); return;
     default: throw std::invalid_argument("monarch tensor-core kernel takes float16 or bfloat16");
   }
 }
@@ -107,7 +115,7 @@ void monarch_matmul_tc_cuda(int dtype, std::uintptr_t x, std::uintptr_t w1, std:
 
 void bind_monarch(py::module_& m) {
   m.def("monarch_matmul_tc", &monarch_matmul_tc_cuda, py::call_guard<py::gil_scoped_release>(),
-        "y = Monarch(x) on tensor cores (float16/bfloat16).");
+        "y = M x, or dx = M^T dy, on tensor cores (float16/bfloat16).");
   m.def("monarch_tc_smem_bytes", &monarch_tc_smem_bytes);
   m.def("monarch_matmul", &monarch_matmul_cuda, py::call_guard<py::gil_scoped_release>());
   m.def("monarch_matmul_backward", &monarch_backward_cuda,

@@ -276,8 +276,9 @@ def test_monarch_forward_tensor_core_kernel(emulated_monarch, tokens, shape, kin
     dtype = LOW[kind]
     x, w1, w2 = (torch.randn(*t).to(dtype) for t in [(tokens, k * p), (k, q, p), (l, s, r)])
     y = torch.full((tokens, l * s), float("nan"), dtype=dtype)
-    getattr(emulated_monarch, f"monarch_forward_tc_{kind}")(
-        ptr(x), ptr(w1), ptr(w2), ptr(y), ctypes.c_int64(tokens), k, q, p, l, s, r, 2)  # fmt: skip
+    getattr(emulated_monarch, f"monarch_tc_{kind}")(
+        ptr(x), ptr(w1), ptr(w2), ptr(y), ctypes.c_int64(tokens), k, q, p, l, s, r, 0, 2
+    )  # fmt: skip
     # the kernel's rounding: h rounded to the storage dtype between the stages
     h = torch.einsum("kqp,tkp->tkq", w1.double(), x.double().reshape(tokens, k, p))
     h = rounded(h.reshape(tokens, k * q), dtype)
@@ -288,6 +289,31 @@ def test_monarch_forward_tensor_core_kernel(emulated_monarch, tokens, shape, kin
     assert relative_error(ref, full) <= 2e-2 or tokens == 0  # the rounding model is right
     if tokens:
         assert relative_error(y, ref) <= (1e-2 if kind == "bf16" else 2e-3)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(tokens=st.integers(0, 20), shape=monarch_shapes(), kind=st.sampled_from(["f16", "bf16"]))
+def test_monarch_transposed_tensor_core_kernel(emulated_monarch, tokens, shape, kind):
+    """dx = M^T dy: the same kernel with the stages' roles swapped."""
+    k, q, p, l, s, r = shape
+    dtype = LOW[kind]
+    dy, w1, w2 = (torch.randn(*t).to(dtype) for t in [(tokens, l * s), (k, q, p), (l, s, r)])
+    dx = torch.full((tokens, k * p), float("nan"), dtype=dtype)
+    getattr(emulated_monarch, f"monarch_tc_{kind}")(
+        ptr(dy), ptr(w1), ptr(w2), ptr(dx), ctypes.c_int64(tokens), k, q, p, l, s, r, 1, 2
+    )  # fmt: skip
+    # the kernel's rounding: dh rounded to the storage dtype between the stages
+    du = dy.double().reshape(tokens, s, l)  # du[t, ss, ll] = dy[t, ss * l + ll]
+    dz = torch.einsum("lsr,tsl->trl", w2.double(), du)  # dh[t, rr * l + ll]
+    dh = rounded(dz.reshape(tokens, k * q), dtype).reshape(tokens, k, q)
+    ref = torch.einsum("kqp,tkq->tkp", w1.double(), dh).reshape(tokens, k * p)
+    full, _, _ = monarch_matmul_backward_reference(
+        dy.double(), torch.zeros(tokens, k * p, dtype=torch.float64), w1.double(), w2.double(),
+        True, False, False,
+    )  # fmt: skip
+    assert relative_error(ref, full) <= 2e-2 or tokens == 0  # the rounding model is right
+    if tokens:
+        assert relative_error(dx, ref) <= (1e-2 if kind == "bf16" else 2e-3)
 
 
 # ---- SLTrain ------------------------------------------------------------------------------------

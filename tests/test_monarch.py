@@ -13,6 +13,7 @@ from lowrank import dispatch
 from lowrank.linalg import monarch_project
 from lowrank.nn import MonarchLinear
 from lowrank.ops import monarch_matmul, monarch_matmul_reference
+from lowrank.ops.monarch import monarch_matmul_backward_reference
 
 
 def dense_spec(x, w1, w2):
@@ -265,3 +266,27 @@ def test_tensor_core_forward_cuda(dtype, tokens, k, q, p, l, s, r):
     assert y.shape == ref64.shape
     if tokens:
         assert_close_lowp(y, ref64, ref_lowp, c=4.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens, k, q, p, l, s, r", [
+    (33, 4, 8, 12, 4, 10, 8), (300, 8, 8, 8, 8, 8, 8), (1, 2, 17, 5, 2, 3, 17),
+])  # fmt: skip
+def test_tensor_core_input_gradient_cuda(dtype, tokens, k, q, p, l, s, r):
+    """dx through the transposed tensor-core kernel (forced, frozen weights)."""
+    from lowrank.ops import monarch as monarch_ops
+
+    x = torch.randn(tokens, k * p, device="cuda").to(dtype)
+    w1 = torch.randn(k, q, p, device="cuda").to(dtype)
+    w2 = torch.randn(l, s, r, device="cuda").to(dtype)
+    dy = torch.randn(tokens, l * s, device="cuda").to(dtype)
+    key = (*monarch_ops._key(x, k, q, p, l, s, r), True, False, False)
+    dx, _, _ = monarch_ops._backward_dispatch(key, x, dy, x, w1, w2, True, False, False,
+                                              names=("tensor-core",))  # fmt: skip
+    ref64 = monarch_matmul_backward_reference(dy.double(), x.double(), w1.double(), w2.double(),
+                                              True, False, False)[0]  # fmt: skip
+    ref_lowp = monarch_matmul_backward_reference(dy.float(), x.float(), w1.float(), w2.float(),
+                                                 True, False, False)[0].to(dtype)  # fmt: skip
+    assert dx.shape == x.shape
+    assert_close_lowp(dx, ref64, ref_lowp, c=4.0)

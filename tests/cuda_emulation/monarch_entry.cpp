@@ -33,23 +33,29 @@ extern "C" void monarch_backward_f32(const float* dy, const float* x, const floa
 }
 
 template <typename T>
-static void forward_tc(const void* x, const void* w1, const void* w2, void* y, int64_t tokens,
-                       int k, int q, int p, int l, int s, int r, unsigned grid) {
-  const lowrank::MonarchTcDims d{k, q, p, l, s, r};
-  emulation::launch(grid, lowrank::kMonarchTcThreads, d.forward_bytes(),
-                    lowrank::monarch_forward_tc_kernel<T>, static_cast<const T*>(x),
-                    static_cast<const T*>(w1), static_cast<const T*>(w2), static_cast<T*>(y),
-                    tokens, d);
+static void product_tc(const void* src, const void* w1, const void* w2, void* dst, int64_t tokens,
+                       int k, int q, int p, int l, int s, int r, int transposed, unsigned grid) {
+  const lowrank::MonarchTcDims d{k, q, p, l, s, r, transposed != 0};
+  auto run = [&](auto kernel) {
+    emulation::launch(grid, lowrank::kMonarchTcThreads, d.smem_bytes(), kernel,
+                      static_cast<const T*>(src), static_cast<const T*>(w1),
+                      static_cast<const T*>(w2), static_cast<T*>(dst), tokens, d);
+  };
+  if (transposed)
+    run(lowrank::monarch_tc_kernel<T, true>);
+  else
+    run(lowrank::monarch_tc_kernel<T, false>);
 }
 
-extern "C" void monarch_forward_tc_f16(const void* x, const void* w1, const void* w2, void* y,
-                                       int64_t tokens, int k, int q, int p, int l, int s, int r,
-                                       unsigned grid) {
-  forward_tc<__half>(x, w1, w2, y, tokens, k, q, p, l, s, r, grid);
+// y = M x (transposed = 0) or dx = M^T dy (transposed = 1).
+extern "C" void monarch_tc_f16(const void* src, const void* w1, const void* w2, void* dst,
+                               int64_t tokens, int k, int q, int p, int l, int s, int r,
+                               int transposed, unsigned grid) {
+  product_tc<__half>(src, w1, w2, dst, tokens, k, q, p, l, s, r, transposed, grid);
 }
 
-extern "C" void monarch_forward_tc_bf16(const void* x, const void* w1, const void* w2, void* y,
-                                        int64_t tokens, int k, int q, int p, int l, int s, int r,
-                                        unsigned grid) {
-  forward_tc<__nv_bfloat16>(x, w1, w2, y, tokens, k, q, p, l, s, r, grid);
+extern "C" void monarch_tc_bf16(const void* src, const void* w1, const void* w2, void* dst,
+                                int64_t tokens, int k, int q, int p, int l, int s, int r,
+                                int transposed, unsigned grid) {
+  product_tc<__nv_bfloat16>(src, w1, w2, dst, tokens, k, q, p, l, s, r, transposed, grid);
 }

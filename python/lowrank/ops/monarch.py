@@ -254,25 +254,49 @@ def _native_backward(grad, x, w1, w2, need_x, need_w1, need_w2):
 
 
 def _tc_applies(x, *_) -> bool:
-    """The tensor-core kernel is for float16/bfloat16 on CUDA."""
+    """The tensor-core kernels are for float16/bfloat16 on CUDA."""
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
-def _tc_unavailable(x, w1, w2):
+def _tc_unavailable(x, w1, w2, transposed=False):
     shapes = (*w1.shape, *w2.shape)
-    return _native.tensor_cores_unavailable(x, lambda: _native._cuda.monarch_tc_smem_bytes(*shapes))
+    return _native.tensor_cores_unavailable(
+        x, lambda: _native._cuda.monarch_tc_smem_bytes(*shapes, transposed)
+    )
+
+
+def _tc_product(src, w1, w2, transposed):
+    """``M x`` (or ``M^T dy``), both stages per tile of 16 tokens on tensor cores, the
+    intermediate on chip."""
+    (k, q, p), (l, s, r) = w1.shape, w2.shape
+    src, w1, w2 = src.contiguous(), w1.contiguous(), w2.contiguous()
+    dst = _native.new_output((*src.shape[:-1], k * p if transposed else l * s), src)
+    _native._cuda.monarch_matmul_tc(
+        _native.DTYPE_CODES[src.dtype], src.data_ptr(), w1.data_ptr(), w2.data_ptr(),
+        dst.data_ptr(), math.prod(src.shape[:-1]), k, q, p, l, s, r, transposed,
+        *_native.launch_args(src),
+    )  # fmt: skip
+    return dst
 
 
 def _tc_forward(x, w1, w2):
-    """Both stages per tile of 16 tokens on tensor cores, the intermediate on chip."""
-    (k, q, p), (l, s, r) = w1.shape, w2.shape
-    x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
-    y = _native.new_output((*x.shape[:-1], l * s), x)
-    _native._cuda.monarch_matmul_tc(
-        _native.DTYPE_CODES[x.dtype], x.data_ptr(), w1.data_ptr(), w2.data_ptr(), y.data_ptr(),
-        math.prod(x.shape[:-1]), k, q, p, l, s, r, *_native.launch_args(x),
-    )  # fmt: skip
-    return y
+    return _tc_product(x, w1, w2, transposed=False)
+
+
+def _tc_backward_applies(grad, x, w1, w2, need_x, need_w1, need_w2) -> bool:
+    """Only ``dx`` (frozen weights): with weight gradients, the composite's reductions over
+    tokens run at the GEMM peak and leave ``dh`` in memory, from which ``dx`` costs the same
+    bytes as the fused transpose (cuda/monarch_kernels.cuh)."""
+    return _tc_applies(x) and need_x and not (need_w1 or need_w2)
+
+
+def _tc_backward_unavailable(grad, x, w1, w2, *needs):
+    return _tc_unavailable(x, w1, w2, transposed=True)
+
+
+def _tc_backward(grad, x, w1, w2, need_x, need_w1, need_w2):
+    empty = x.new_empty(0)
+    return _tc_product(grad, w1, w2, transposed=True).view(x.shape), empty, empty
 
 
 _forward_dispatch = dispatch.Dispatcher("monarch_matmul", (
@@ -283,6 +307,8 @@ _forward_dispatch = dispatch.Dispatcher("monarch_matmul", (
 ), _static, (0,))  # fmt: skip
 _backward_dispatch = dispatch.Dispatcher("monarch_matmul_backward", (
     dispatch.Impl("native", dispatch.NATIVE, _native_backward, _backward_unavailable),
+    dispatch.Impl("tensor-core", dispatch.NATIVE, _tc_backward, _tc_backward_unavailable,
+                  applies=_tc_backward_applies),
     dispatch.Impl("composite", dispatch.COMPOSITE, _composite_backward),
 ), lambda grad, x, w1, *args: _static(x, w1), (0, 1))  # fmt: skip
 
