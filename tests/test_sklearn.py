@@ -120,8 +120,10 @@ def test_streamed_memmap_equals_in_memory(tmp_path):
     mm[:] = x
     budget = 40 * 8 * 50  # panels of 50 rows
     for solver, k in (("randomized", 5), ("auto", 0.9), ("covariance_eigh", 5)):
-        streamed = PCA(k, svd_solver=solver, random_state=0, max_memory=budget).fit(mm)
-        in_memory = PCA(k, svd_solver=solver, random_state=0).fit(x)
+        # the same power iterations both ways ("auto" is block Krylov in memory only)
+        options = {"svd_solver": solver, "random_state": 0, "iterated_power": 4}
+        streamed = PCA(k, max_memory=budget, **options).fit(mm)
+        in_memory = PCA(k, **options).fit(x)
         assert streamed.n_components_ == in_memory.n_components_
         assert np.allclose(streamed.components_, in_memory.components_, atol=1e-9)
         assert np.allclose(streamed.explained_variance_ratio_,
@@ -142,3 +144,16 @@ def test_clone_and_params():
         PCA("mle").fit(data())
     with pytest.raises(ValueError, match="arpack"):
         TruncatedSVD(algorithm="arpack").fit(data())
+
+
+def test_auto_iterations_match_the_exact_explained_variance():
+    """iterated_power="auto" (two block Krylov iterations) on a slowly decaying spectrum:
+    explained variances as the exact solver's, where two power iterations are not."""
+    g = np.random.default_rng(0)
+    latent = g.standard_normal((3000, 60)) * np.logspace(0, -1.5, 60)
+    x = latent @ g.standard_normal((60, 200)) + 0.05 * g.standard_normal((3000, 200))
+    exact = PCA(20, svd_solver="full").fit(x).explained_variance_
+    auto = PCA(20, svd_solver="randomized", random_state=0).fit(x).explained_variance_
+    two = PCA(20, svd_solver="randomized", random_state=0, iterated_power=2).fit(x)
+    assert np.max(np.abs(auto - exact) / exact) < 1e-4
+    assert np.max(np.abs(two.explained_variance_ - exact) / exact) > 1e-4  # the case is hard

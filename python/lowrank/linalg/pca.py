@@ -40,17 +40,22 @@ class _Centred:
         return self._op.rmatmat(y) - self._mean[:, None] * y.sum(dim=0, keepdim=True)
 
 
-def pca(A, rank: int, center: bool = True, **rsvd_options):
+def pca(A, rank: int, center: bool = True, mean: torch.Tensor | None = None, **rsvd_options):
     """``(U, S, Vh)`` of ``A - mean(A, 0)`` (or of ``A``), rank ``rank``, without centring ``A``.
 
     The principal axes are the rows of ``Vh`` and ``U * S`` are the scores.
     ``A`` is a 2-D dense or sparse COO/CSR tensor, a NumPy array, or (with ``max_memory``,
     or an ``np.memmap``) a matrix streamed from host memory or disk in row panels, centred
     panel by panel after one more pass for the means; ``rsvd_options`` go to :func:`rsvd`.
+    ``mean``: the column means when the caller has them already (in memory only; saves
+    the pass over ``A`` that computes them).
     """
     if not center:
         return rsvd(A, rank, **rsvd_options)
     if isinstance(A, np.memmap) or rsvd_options.get("max_memory") is not None:
+        if mean is not None:
+            raise ValueError("mean= is for in-memory input; a streamed A is centred by its "
+                             "own pass")  # fmt: skip
         return _streamed(A, rank, **rsvd_options)
     if isinstance(A, np.ndarray):
         A = from_numpy(A)
@@ -59,8 +64,13 @@ def pca(A, rank: int, center: bool = True, **rsvd_options):
         raise ValueError(f"A must be a single (m, n) matrix for pca, got batch shape {op.batch}")
     if op.m == 0 or op.n == 0:
         raise ValueError(f"A must have positive sizes, got {op.m} x {op.n}")
-    ones = torch.ones(op.m, 1, dtype=op.dtype, device=op.device)
-    mean = op.rmatmat(ones)[:, 0] / op.m
+    if mean is None:
+        ones = torch.ones(op.m, 1, dtype=op.dtype, device=op.device)
+        mean = op.rmatmat(ones)[:, 0] / op.m
+    else:
+        if not isinstance(mean, torch.Tensor) or tuple(mean.shape) != (op.n,):
+            raise ValueError(f"mean must be a tensor of shape ({op.n},)")
+        mean = mean.to(dtype=op.dtype, device=op.device)
     u, s, vh = rsvd(_Centred(op, mean), rank, **rsvd_options)
     out = A.dtype if isinstance(A, torch.Tensor) else op.dtype
     return u.to(out), s.to(out), vh.to(out)
