@@ -31,7 +31,8 @@ def power_law(n: int, power: float, device, seed: int = 0) -> torch.Tensor:
 
 
 def error_vs_optimal(w: torch.Tensor, approx: torch.Tensor, optimal: float) -> float:
-    return float(torch.linalg.matrix_norm(w.double() - approx.double()) / optimal)
+    difference = w.detach().double() - approx.detach().double()
+    return float(torch.linalg.matrix_norm(difference) / optimal)
 
 
 def measure(device, n: int, rank: int, power: float, quick: bool) -> list[Result]:
