@@ -269,51 +269,57 @@ def monarch_shapes(draw):
     return k, mid // k, draw(st.integers(1, 18)), l, draw(st.integers(1, 18)), mid // l
 
 
+def run_monarch_tc(emulated, kind, shape, src, transposed):
+    """The emulated tensor-core kernel on ``src`` (x, or dy when transposed): (out, w1, w2)."""
+    k, q, p, l, s, r = shape
+    dtype = LOW[kind]
+    tokens = src.shape[0]
+    w1, w2 = torch.randn(k, q, p).to(dtype), torch.randn(l, s, r).to(dtype)
+    out = torch.full((tokens, k * p if transposed else l * s), float("nan"), dtype=dtype)
+    getattr(emulated, f"monarch_tc_{kind}")(ptr(src), ptr(w1), ptr(w2), ptr(out),
+                                            ctypes.c_int64(tokens), k, q, p, l, s, r,
+                                            int(transposed), 2)  # fmt: skip
+    return out, w1, w2
+
+
+def check_monarch_tc(out, ref, full, kind):
+    """``ref`` models the kernel's rounding (the intermediate rounded to the storage dtype);
+    ``full`` is the exact product, which the model must agree with."""
+    if out.shape[0] == 0:
+        return
+    assert relative_error(ref, full) <= 2e-2  # the rounding model is right
+    assert relative_error(out, ref) <= (1e-2 if kind == "bf16" else 2e-3)
+
+
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(tokens=st.integers(0, 20), shape=monarch_shapes(), kind=st.sampled_from(["f16", "bf16"]))
 def test_monarch_forward_tensor_core_kernel(emulated_monarch, tokens, shape, kind):
     k, q, p, l, s, r = shape
-    dtype = LOW[kind]
-    x, w1, w2 = (torch.randn(*t).to(dtype) for t in [(tokens, k * p), (k, q, p), (l, s, r)])
-    y = torch.full((tokens, l * s), float("nan"), dtype=dtype)
-    getattr(emulated_monarch, f"monarch_tc_{kind}")(
-        ptr(x), ptr(w1), ptr(w2), ptr(y), ctypes.c_int64(tokens), k, q, p, l, s, r, 0, 2
-    )  # fmt: skip
-    # the kernel's rounding: h rounded to the storage dtype between the stages
+    x = torch.randn(tokens, k * p).to(LOW[kind])
+    y, w1, w2 = run_monarch_tc(emulated_monarch, kind, shape, x, transposed=False)
     h = torch.einsum("kqp,tkp->tkq", w1.double(), x.double().reshape(tokens, k, p))
-    h = rounded(h.reshape(tokens, k * q), dtype)
+    h = rounded(h.reshape(tokens, k * q), LOW[kind])
     z = h.reshape(tokens, r, l).transpose(1, 2)  # block ll, row rr: h[rr * l + ll]
     u = torch.einsum("lsr,tlr->tls", w2.double(), z)
     ref = u.transpose(1, 2).reshape(tokens, s * l)  # y[ss * l + ll] = u[ll, ss]
-    full = monarch_matmul_reference(x.double(), w1.double(), w2.double())
-    assert relative_error(ref, full) <= 2e-2 or tokens == 0  # the rounding model is right
-    if tokens:
-        assert relative_error(y, ref) <= (1e-2 if kind == "bf16" else 2e-3)
+    check_monarch_tc(y, ref, monarch_matmul_reference(x.double(), w1.double(), w2.double()), kind)
 
 
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(tokens=st.integers(0, 20), shape=monarch_shapes(), kind=st.sampled_from(["f16", "bf16"]))
 def test_monarch_transposed_tensor_core_kernel(emulated_monarch, tokens, shape, kind):
     """dx = M^T dy: the same kernel with the stages' roles swapped."""
-    k, q, p, l, s, r = shape
-    dtype = LOW[kind]
-    dy, w1, w2 = (torch.randn(*t).to(dtype) for t in [(tokens, l * s), (k, q, p), (l, s, r)])
-    dx = torch.full((tokens, k * p), float("nan"), dtype=dtype)
-    getattr(emulated_monarch, f"monarch_tc_{kind}")(
-        ptr(dy), ptr(w1), ptr(w2), ptr(dx), ctypes.c_int64(tokens), k, q, p, l, s, r, 1, 2
-    )  # fmt: skip
-    # the kernel's rounding: dh rounded to the storage dtype between the stages
+    k, q, p, l, s, _ = shape
+    dy = torch.randn(tokens, l * s).to(LOW[kind])
+    dx, w1, w2 = run_monarch_tc(emulated_monarch, kind, shape, dy, transposed=True)
     du = dy.double().reshape(tokens, s, l)  # du[t, ss, ll] = dy[t, ss * l + ll]
     dz = torch.einsum("lsr,tsl->trl", w2.double(), du)  # dh[t, rr * l + ll]
-    dh = rounded(dz.reshape(tokens, k * q), dtype).reshape(tokens, k, q)
+    dh = rounded(dz.reshape(tokens, k * q), LOW[kind]).reshape(tokens, k, q)
     ref = torch.einsum("kqp,tkq->tkp", w1.double(), dh).reshape(tokens, k * p)
-    full, _, _ = monarch_matmul_backward_reference(
-        dy.double(), torch.zeros(tokens, k * p, dtype=torch.float64), w1.double(), w2.double(),
-        True, False, False,
-    )  # fmt: skip
-    assert relative_error(ref, full) <= 2e-2 or tokens == 0  # the rounding model is right
-    if tokens:
-        assert relative_error(dx, ref) <= (1e-2 if kind == "bf16" else 2e-3)
+    x = torch.zeros(tokens, k * p, dtype=torch.float64)
+    full = monarch_matmul_backward_reference(dy.double(), x, w1.double(), w2.double(), True,
+                                             False, False)[0]  # fmt: skip
+    check_monarch_tc(dx, ref, full, kind)
 
 
 # ---- SLTrain ------------------------------------------------------------------------------------
