@@ -166,6 +166,22 @@ struct KronTcDims {
   }
 };
 
+// The forward kernel's shared-memory regions (the factor-gradient kernel's first ones).
+template <typename T>
+struct KronTcRegions {
+  T* a;      // pp x qp
+  T* b;      // rp x sp
+  T* x;      // T qp x sp: [X_1; ...; X_T]
+  T* zh;     // qp x ldz: [Z_1 | ... | Z_T]
+  float* f;  // max(pp, qp) x ldz, float32 staging
+  __device__ KronTcRegions(char* smem, const KronTcDims& d)
+      : a(reinterpret_cast<T*>(smem)),
+        b(reinterpret_cast<T*>(smem + d.a_bytes())),
+        x(b + int64_t(d.rp()) * d.sp()),
+        zh(x + int64_t(d.tile) * d.qp() * d.sp()),
+        f(reinterpret_cast<float*>(zh + int64_t(d.qp()) * d.ldz())) {}
+};
+
 // dst (rows_p x cols_p, row-major, 16-bit) = src (rows x cols, row-major) zero-padded.
 template <typename T>
 __device__ __forceinline__ void stage_padded(T* dst, const T* src, int rows, int cols, int rows_p,
@@ -262,11 +278,9 @@ __global__ void __launch_bounds__(kKronTcThreads)
   char* smem = reinterpret_cast<char*>(smem_words);
   const int p = d.p, q = d.q, r = d.r, s = d.s;
   const int pp = d.pp(), qp = d.qp(), rp = d.rp(), sp = d.sp(), ldz = d.ldz();
-  T* as = reinterpret_cast<T*>(smem);                           // pp x qp
-  T* bs = reinterpret_cast<T*>(smem + d.a_bytes());             // rp x sp
-  T* xs = bs + int64_t(rp) * sp;                                // T qp x sp
-  T* zh = xs + int64_t(d.tile) * qp * sp;                       // qp x ldz
-  float* f = reinterpret_cast<float*>(zh + int64_t(qp) * ldz);  // Z, then Y
+  const KronTcRegions<T> regions(smem, d);
+  T *as = regions.a, *bs = regions.b, *xs = regions.x, *zh = regions.zh;
+  float* f = regions.f;  // Z, then Y
   stage_padded(as, a, p, q, pp, qp);
   stage_padded(bs, b, r, s, rp, sp);
   const T zero = from_float<T>(0.f);
@@ -308,13 +322,11 @@ __global__ void __launch_bounds__(kKronTcThreads)
   char* smem = reinterpret_cast<char*>(smem_words);
   const int p = d.p, q = d.q, r = d.r, s = d.s;
   const int pp = d.pp(), qp = d.qp(), rp = d.rp(), sp = d.sp(), ldz = d.ldz();
-  T* as = reinterpret_cast<T*>(smem);                           // pp x qp
-  T* bs = reinterpret_cast<T*>(smem + d.a_bytes());             // rp x sp
-  T* xs = bs + int64_t(rp) * sp;                                // T qp x sp
-  T* zh = xs + int64_t(d.tile) * qp * sp;                       // qp x ldz: [Z_1 | ... | Z_T]
-  float* f = reinterpret_cast<float*>(zh + int64_t(qp) * ldz);  // float staging
-  T* dys = reinterpret_cast<T*>(smem + d.forward_bytes());      // pp x ldz: [dY_1 | ... | dY_T]
-  T* gh = dys + int64_t(pp) * ldz;                              // T qp x rp: [G_1; ...; G_T]
+  const KronTcRegions<T> regions(smem, d);
+  T *as = regions.a, *bs = regions.b, *xs = regions.x, *zh = regions.zh;
+  float* f = regions.f;                                     // float staging
+  T* dys = reinterpret_cast<T*>(smem + d.forward_bytes());  // pp x ldz: [dY_1 | ... | dY_T]
+  T* gh = dys + int64_t(pp) * ldz;                          // T qp x rp: [G_1; ...; G_T]
   float* da_acc = reinterpret_cast<float*>(gh + int64_t(d.tile) * qp * rp);  // pp x qp
   float* db_acc = da_acc + int64_t(pp) * qp;                                 // rp x sp
   stage_padded(as, a, p, q, pp, qp);
