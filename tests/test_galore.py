@@ -12,7 +12,7 @@ from conftest import relative_error
 from torch import nn
 
 from lowrank.optim import GaLoreAdamW, galore_groups
-from lowrank.optim.galore import SIDES
+from lowrank.optim.galore import SIDES, leading_subspace
 
 # ---- the reference: one parameter at a time, one full SVD per refresh --------------------------
 
@@ -206,3 +206,22 @@ def test_bad_options():
         GaLoreAdamW(params, svd="fast")
     with pytest.raises(ValueError, match="betas"):
         GaLoreAdamW(params, betas=(1.0, 0.9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_warm_subspace_on_zero_and_rank_deficient_gradients(dtype):
+    """The warm refresh returns an orthonormal projector, in descending order, capturing
+    all of a low-rank gradient's energy; a zero gradient still gets an orthonormal one."""
+    torch.manual_seed(0)
+    previous = torch.linalg.qr(torch.randn(3, 40, 8, dtype=dtype)).Q
+    eye = torch.eye(8, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    zero = leading_subspace(torch.zeros(3, 40, 30, dtype=dtype), previous)
+    assert torch.isfinite(zero).all() and (zero.mT @ zero - eye).abs().max() <= tol
+    g = torch.randn(3, 40, 2, dtype=dtype) @ torch.randn(3, 2, 30, dtype=dtype)  # rank 2
+    u = leading_subspace(g, previous)
+    assert (u.mT @ u - eye).abs().max() <= tol
+    captured = (u.mT @ g).square().sum((-1, -2)) / g.square().sum((-1, -2))
+    assert torch.allclose(captured, torch.ones(3, dtype=dtype), atol=tol)
+    energy = (u.mT @ g).square().sum(-1)  # per direction: descending
+    assert (energy[:, :-1] >= energy[:, 1:] - tol * energy[:, :1]).all()
