@@ -162,6 +162,50 @@ def test_cache_is_written_and_read_back(clean, monkeypatch):
     assert dispatch.report()[0]["source"] == "cache"
 
 
+def test_a_measured_choice_is_confirmed_once_in_the_steady_state(clean, monkeypatch):
+    """The first measurement decides for CONFIRM_AFTER calls; a second one then decides
+    for good (and is what the cache keeps): the first call of a key can mislead."""
+    timer = FakeTimer({"slow": 1.0, "fast": 2.0})  # at the first call "slow" looks faster
+    monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
+    calls = []
+    op, x = toy(calls), torch.zeros(1)
+    op(("k",), x, x)
+    assert [(r["choice"], r["source"]) for r in dispatch.report()] == [("slow", "measured")]
+    timer.ms = {"slow": 2.0, "fast": 1.0}  # the steady state is the other way round
+    timer.calls.clear()
+    calls.clear()
+    for _ in range(dispatch.CONFIRM_AFTER - 1):
+        op(("k",), x, x)
+    assert timer.calls == [] and calls == ["slow"] * (dispatch.CONFIRM_AFTER - 1)
+    assert torch.equal(op(("k",), x, x), x + 1.0)  # measured again; the winner's output
+    assert set(timer.calls) == {"slow", "fast"}
+    assert [(r["choice"], r["source"]) for r in dispatch.report()] == [("fast", "confirmed")]
+    timer.calls.clear()
+    calls.clear()
+    for _ in range(3 * dispatch.CONFIRM_AFTER):
+        op(("k",), x, x)
+    assert timer.calls == [] and set(calls) == {"fast"}  # final: never measured again
+    (path,) = clean.glob("dispatch-*.json")
+    (entry,) = json.loads(path.read_text())["choices"].values()
+    assert entry["choice"] == "fast" and entry["confirmed"] is True
+
+
+def test_an_unconfirmed_cached_choice_is_confirmed(clean, monkeypatch):
+    timer = FakeTimer({"slow": 1.0, "fast": 2.0})
+    monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
+    x = torch.zeros(1)
+    toy()(("k",), x, x)  # measured once, then the process ends
+    dispatch.clear()
+    timer.ms = {"slow": 2.0, "fast": 1.0}
+    timer.calls.clear()
+    op = toy()
+    for _ in range(dispatch.CONFIRM_AFTER):  # the call that reads the cache, and the wait
+        op(("k",), x, x)
+    assert timer.calls == [] and dispatch.report()[0]["source"] == "cache"
+    op(("k",), x, x)
+    assert [(r["choice"], r["source"]) for r in dispatch.report()] == [("fast", "confirmed")]
+
+
 @pytest.mark.parametrize("content", ["{not json", '{"choices": 3}', '{"choices": {"k": 1}}'])
 def test_corrupt_cache_is_ignored_with_one_warning(clean, monkeypatch, content):
     monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"slow": 3.0, "fast": 1.0}))

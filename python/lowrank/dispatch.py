@@ -13,6 +13,8 @@ tensor cores). Neither wins everywhere, so nothing is assumed:
   the choice in memory and in a small JSON file (see *Cache*). Later calls with the
   same key cost one dictionary lookup. Timing is bounded: each candidate runs once,
   and again only while the candidates' total stays under ``TIME_BUDGET_S``.
+  ``CONFIRM_AFTER`` calls later the key is measured once more, in the steady state,
+  and that choice is final (and the one cached).
 - No timing happens while a CUDA graph is being captured, while ``torch.compile``
   traces, or under ``torch.use_deterministic_algorithms(True)``; then the cached
   choice runs if there is one, else the static default: on the CPU the op's cost
@@ -55,6 +57,7 @@ from typing import Any, Callable
 import torch
 
 AUTO, NATIVE, COMPOSITE = "auto", "native", "composite"
+PROVISIONAL = "provisional"  # a decision measured once, to be confirmed
 MODES = (AUTO, NATIVE, COMPOSITE)
 # Measuring a key runs every candidate once; a second round when the first took at most
 # TIME_BUDGET_S (first runs pay one-time costs: page faults of fresh buffers, library set-up,
@@ -62,6 +65,12 @@ MODES = (AUTO, NATIVE, COMPOSITE)
 # fits in the budget. The fastest run of each candidate counts.
 TIME_BUDGET_S = 0.015
 MAX_REPETITIONS = 5
+# A key measured once (in this process, or read from a cache that has only that) is
+# measured again CONFIRM_AFTER calls later, and that measurement decides for good: the
+# first call of a key meets the machine in a state that later calls do not (caches holding
+# freshly created weights, thread pools, the allocator), and close calls could go either
+# way there.
+CONFIRM_AFTER = 32
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "lowrank_dispatch", default=None
@@ -134,7 +143,7 @@ def bucket(n: int) -> int:
 @dataclass
 class Choice:
     name: str
-    source: str  # "measured", "cache" (read from disk), "static" (not measured)
+    source: str  # "measured", "confirmed" (measured twice), "cache", "static"
     ms: dict[str, float] | None = None
 
 
@@ -210,6 +219,7 @@ def clear(memory: bool = True, disk: bool = False) -> None:
             _disk.clear()
             for dispatcher in _dispatchers:
                 dispatcher.decided.clear()
+                dispatcher.provisional.clear()
 
 
 # ---- the disk cache ------------------------------------------------------------------------------
@@ -338,6 +348,8 @@ class Dispatcher:
         self.static = static
         # Settled decisions by (key, device, threads, mode, deterministic, names): the hot path.
         self.decided: dict[tuple, Impl] = {}
+        # measured once: [choice, calls until the confirming measurement]
+        self.provisional: dict[tuple, list] = {}
         _dispatchers.append(self)
 
     def candidates(self, sample: torch.Tensor, args: tuple, names=None, kind=None) -> list[Impl]:
@@ -391,29 +403,65 @@ class Dispatcher:
         impl = self.decided.get(settled)
         if impl is not None:
             return impl, _NOT_RUN
+        pending = self.provisional.get(settled)
+        if pending is not None:
+            pending[1] -= 1
+            if pending[1] > 0 or not may_time(sample):
+                return pending[0], _NOT_RUN
+            impl, out = self._confirm(key, sample, args, names, keep_output, kind, pending)
+            if impl is None:  # another measurement is running: try again next call
+                return pending[0], _NOT_RUN
+            del self.provisional[settled]
+            self.decided[settled] = impl
+            return impl, out
         impl, out, final = self._decide_slowly(key, sample, args, names, keep_output, kind)
-        if final or deterministic:  # deterministic mode never measures: static is final
+        if final == PROVISIONAL:
+            self.provisional[settled] = [impl, CONFIRM_AFTER]
+        elif final or deterministic:  # deterministic mode never measures: static is final
             self.decided[settled] = impl
         return impl, out
+
+    def _full_key(self, key, sample, options, names, kind) -> tuple:
+        full = (self.op, device_name(sample.device), *key)
+        if sample.is_cpu:
+            full = (*full, torch.get_num_threads())
+        if kind != AUTO or names is not None:  # a restricted set: its own entry
+            full = (*full, kind, tuple(sorted(i.name for i in options)))
+        return full
+
+    def _confirm(self, key, sample, args, names, keep_output, kind, pending):
+        """The second measurement of a key: ``(impl, output or _NOT_RUN)``, or
+        ``(None, _NOT_RUN)`` when another measurement is running."""
+        if not _measuring.acquire(blocking=False):
+            pending[1] = 1
+            return None, _NOT_RUN
+        try:
+            options = self.candidates(sample, args, names, kind)
+            if len(options) == 1:
+                return options[0], _NOT_RUN
+            full = self._full_key(key, sample, options, names, kind)
+            forced = kind != AUTO or names is not None
+            return self._measure(full, options, sample, args, keep_output, not forced,
+                                 confirmed=True)  # fmt: skip
+        finally:
+            _measuring.release()
 
     def _decide_slowly(self, key, sample, args, names, keep_output, kind):
         """``(impl, output or _NOT_RUN, final)``; final decisions are remembered."""
         options = self.candidates(sample, args, names, kind)
         if len(options) == 1:
             return options[0], _NOT_RUN, True
-        full = (self.op, device_name(sample.device), *key)
-        if sample.is_cpu:
-            full = (*full, torch.get_num_threads())
+        full = self._full_key(key, sample, options, names, kind)
         forced = kind != AUTO or names is not None
-        if forced:  # a restricted set: decide among it without touching the shared entry
-            full = (*full, kind, tuple(sorted(i.name for i in options)))
         choice = _table.get(full)
         allowed = {impl.name for impl in options}
         if choice is not None and choice.name in allowed and choice.source != "static":
-            return self.by_name[choice.name], _NOT_RUN, True
+            # measured only once so far (from another settled entry): confirmed here too
+            final = PROVISIONAL if choice.source == "measured" else True
+            return self.by_name[choice.name], _NOT_RUN, final
         cached = None if forced else self._from_disk(full, allowed)
         if cached is not None:
-            return cached, _NOT_RUN, True
+            return cached[0], _NOT_RUN, True if cached[1] else PROVISIONAL
         name = self.static(sample, *args)
         impl = self.by_name[name] if name in allowed else options[0]
         if may_time(sample) and _measuring.acquire(blocking=False):
@@ -425,7 +473,7 @@ class Dispatcher:
                 # of fresh buffers, library set-up), so a close call stays with the default.
                 options = [i for i in options if i is not impl] + [impl]
                 return (*self._measure(full, options, sample, args, keep_output, not forced),
-                        True)  # fmt: skip
+                        PROVISIONAL)  # fmt: skip
             finally:
                 _measuring.release()
         if choice is None:
@@ -433,13 +481,13 @@ class Dispatcher:
                 _table.setdefault(full, Choice(impl.name, "static"))
         return impl, _NOT_RUN, False
 
-    def _from_disk(self, full: tuple, allowed: set[str]) -> Impl | None:
+    def _from_disk(self, full: tuple, allowed: set[str]) -> tuple[Impl, bool] | None:
         with _lock:
             entry = _disk_cache(full[1]).get(_key_text(full))
             if entry is None or entry["choice"] not in allowed:
                 return None
             _table[full] = Choice(entry["choice"], "cache", entry.get("ms"))
-            return self.by_name[entry["choice"]]
+            return self.by_name[entry["choice"]], bool(entry.get("confirmed", False))
 
     def _warm_up(self, options, args) -> None:
         if not self.token_args:
@@ -454,7 +502,7 @@ class Dispatcher:
         for impl in options:
             impl.run(*small)
 
-    def _measure(self, full, options, sample, args, keep_output, persist):
+    def _measure(self, full, options, sample, args, keep_output, persist, confirmed=False):
         self._warm_up(options, args)
         times: dict[str, list[float]] = {impl.name: [] for impl in options}
         best_name, best_ms, best_out = None, float("inf"), _NOT_RUN
@@ -476,9 +524,10 @@ class Dispatcher:
         fastest = min(times, key=lambda name: min(times[name]))
         ms = {name: round(min(values), 5) for name, values in times.items()}
         with _lock:
-            _table[full] = Choice(fastest, "measured", ms)
+            _table[full] = Choice(fastest, "confirmed" if confirmed else "measured", ms)
             if persist:
-                _disk_cache(full[1]).put(_key_text(full), {"choice": fastest, "ms": ms})
+                entry = {"choice": fastest, "ms": ms, "confirmed": confirmed}
+                _disk_cache(full[1]).put(_key_text(full), entry)
         return self.by_name[fastest], (best_out if best_name == fastest else _NOT_RUN)
 
 
