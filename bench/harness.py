@@ -6,6 +6,9 @@
   several input sets rotated so repeated calls do not run from a warm L2.
 - ``Result`` is one measured (suite, case, implementation) row; ``bench/run.py``
   gathers them into the table, the JSON and the plot.
+- Warm-up: a few calls of each function, then more of those whose first call left a
+  provisional dispatch choice, until it is confirmed (``dispatch.CONFIRM_AFTER``): the rows
+  time the settled choice, as a long run would.
 - ``LOWRANK_VARIANTS``: lowrank's rows come three times, as ``lowrank`` (the measured
   dispatch, ``auto``) and forced to its native kernels or its composite torch path, so
   every table shows what the dispatch chose and what it chose between.
@@ -68,6 +71,24 @@ def auto_choices(mark: int) -> str:
     return " ".join(f"{row['op']}={row['choice']}" for row in rows)
 
 
+def _warm_up(fns, call: Callable[[str], Any], warmup: int) -> None:
+    """``warmup`` calls of each function; then more of each whose first call left a
+    provisional dispatch choice, until the choice is confirmed."""
+    mine = {}
+    for name in fns:
+        before = dispatch.provisional()
+        call(name)
+        mine[name] = dispatch.provisional() - before
+    for _ in range(warmup - 1):
+        for name in fns:
+            call(name)
+    for name in fns:
+        for _ in range(dispatch.CONFIRM_AFTER + 1):
+            if not mine[name] & dispatch.provisional():
+                break
+            call(name)
+
+
 def time_ms(
     fn: Callable[[int], Any],
     device: torch.device | str,
@@ -84,8 +105,7 @@ def time_ms(
     def call() -> Any:
         return fn(next(counter) % rotate)
 
-    for _ in range(warmup):
-        call()
+    _warm_up({"fn": call}, lambda name: call(), warmup)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         times = []
@@ -129,9 +149,7 @@ def time_ms_many(
     def call(name: str) -> Any:
         return fns[name](next(counters[name]) % rotate)
 
-    for _ in range(warmup):
-        for name in names:
-            call(name)
+    _warm_up(fns, call, warmup)
     times: dict[str, list[float]] = {name: [] for name in names}
     shuffler = random.Random(0)
 

@@ -171,6 +171,7 @@ def test_a_measured_choice_is_confirmed_once_in_the_steady_state(clean, monkeypa
     op, x = toy(calls), torch.zeros(1)
     op(("k",), x, x)
     assert [(r["choice"], r["source"]) for r in dispatch.report()] == [("slow", "measured")]
+    assert [op_name for op_name, _ in dispatch.provisional()] == ["toy"]
     timer.ms = {"slow": 2.0, "fast": 1.0}  # the steady state is the other way round
     timer.calls.clear()
     calls.clear()
@@ -180,6 +181,7 @@ def test_a_measured_choice_is_confirmed_once_in_the_steady_state(clean, monkeypa
     assert torch.equal(op(("k",), x, x), x + 1.0)  # measured again; the winner's output
     assert set(timer.calls) == {"slow", "fast"}
     assert [(r["choice"], r["source"]) for r in dispatch.report()] == [("fast", "confirmed")]
+    assert dispatch.provisional() == set()
     timer.calls.clear()
     calls.clear()
     for _ in range(3 * dispatch.CONFIRM_AFTER):

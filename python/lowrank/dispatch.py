@@ -197,6 +197,13 @@ def report() -> list[dict[str, Any]]:
         return rows
 
 
+def provisional() -> set[tuple]:
+    """The keys whose choice has been measured once and awaits its confirming measurement
+    (``CONFIRM_AFTER`` calls later), as ``(op, key)`` pairs; empty once all are settled."""
+    with _lock:
+        return {(d.op, key) for d in _dispatchers for key in list(d.provisional)}
+
+
 def format_report(rows: list[dict[str, Any]] | None = None) -> str:
     """:func:`report` as a readable table."""
     rows = report() if rows is None else rows
