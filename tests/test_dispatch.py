@@ -312,6 +312,28 @@ def test_concurrent_first_calls_measure_once(clean, monkeypatch):
     assert all(torch.equal(r, x + 1.0) or torch.equal(r, x + 2.0) for r in results)
 
 
+def test_concurrent_calls_confirm_without_errors(clean, monkeypatch):
+    timer = FakeTimer({"slow": 14.0, "fast": 2.0})
+    monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
+    x = torch.zeros(1)
+    op, errors = toy(), []
+
+    def work():
+        try:
+            for _ in range(2 * dispatch.CONFIRM_AFTER):
+                op(("k",), x, x)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and dispatch.provisional() == set()
+    assert [(r["choice"], r["source"]) for r in dispatch.report()] == [("fast", "confirmed")]
+
+
 def test_unavailable_native_is_skipped_with_one_warning(clean, monkeypatch):
     op = dispatch.Dispatcher("toy", (
         dispatch.Impl("native", dispatch.NATIVE, lambda x: x, lambda x: "not built here"),

@@ -418,7 +418,7 @@ class Dispatcher:
             impl, out = self._confirm(key, sample, args, names, keep_output, kind, pending)
             if impl is None:  # another measurement is running: try again next call
                 return pending[0], _NOT_RUN
-            del self.provisional[settled]
+            self.provisional.pop(settled, None)  # another thread may have confirmed it too
             self.decided[settled] = impl
             return impl, out
         impl, out, final = self._decide_slowly(key, sample, args, names, keep_output, kind)
