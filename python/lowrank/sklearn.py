@@ -495,8 +495,10 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             mu_x = mu.to(x.dtype)
             rows = max(1, (1 << 24) // max(1, x.shape[1]))
             gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            buffer = torch.empty(min(rows, m), x.shape[1], dtype=x.dtype, device=x.device)
             for i in range(0, m, rows):
-                block = x[i : i + rows] - mu_x
+                block = buffer[: min(rows, m - i)]
+                torch.sub(x[i : i + rows], mu_x, out=block)  # one buffer: no fresh pages
                 if block.is_cpu:  # NumPy's B^T B is a symmetric rank-k update: half the FLOPs
                     gram += torch.from_numpy(block.numpy().T @ block.numpy()).double()
                 else:
@@ -504,7 +506,11 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             mu = torch.zeros_like(mu)  # already centred
         mu64 = mu.double().to(gram.device)
         cov = (gram - m * torch.outer(mu64, mu64)) / (m - 1)
-        values, vectors = torch.linalg.eigh((cov + cov.mT) / 2)
+        cov = (cov + cov.mT) / 2
+        if cov.is_cpu:  # LAPACK through NumPy: the same driver, faster than torch's here
+            values, vectors = (torch.from_numpy(a) for a in np.linalg.eigh(cov.numpy()))
+        else:
+            values, vectors = torch.linalg.eigh(cov)
         values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
         _, vh = _v_based_flip(None, vectors.mT.contiguous())
         return (values * (m - 1)).sqrt(), vh, None
