@@ -157,3 +157,15 @@ def test_auto_iterations_match_the_exact_explained_variance():
     two = PCA(20, svd_solver="randomized", random_state=0, iterated_power=2).fit(x)
     assert np.max(np.abs(auto - exact) / exact) < 1e-4
     assert np.max(np.abs(two.explained_variance_ - exact) / exact) > 1e-4  # the case is hard
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_covariance_solver_is_accurate_whatever_the_mean(offset):
+    """float32 data whose mean is 0 or 1e4 times its spread: covariance_eigh's explained
+    variances match the exact float64 ones (a raw X^T X would lose them to cancellation)."""
+    g = np.random.default_rng(0)
+    x = (g.standard_normal((4000, 30)) * np.logspace(0, -1, 30) + offset).astype(np.float32)
+    exact = np.linalg.svd(x.astype(np.float64) - x.astype(np.float64).mean(0),
+                          compute_uv=False)[:10] ** 2 / 3999  # fmt: skip
+    fitted = PCA(10, svd_solver="covariance_eigh").fit(x)
+    assert np.max(np.abs(fitted.explained_variance_ - exact) / exact) < 1e-4

@@ -418,7 +418,7 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             s = s.double()
             scores = u.double() * s
         else:
-            s, vh, u = self._exact(data, mean, solver)
+            s, vh, u = self._exact(data, mean, solver, total_var)
             u_keep = None
             if isinstance(k, float):
                 ratio = (s.square() / (m - 1)) / max(total_var, 1e-300)
@@ -469,7 +469,7 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             options.update(n_iter=2, block_krylov=True)
         return pca(data.tensor, k, mean=mean, **options)
 
-    def _exact(self, data: _Data, mean, solver):
+    def _exact(self, data: _Data, mean, solver, total_var: float):
         """``(S, Vh, U or None)`` of the centred data, all of them, descending."""
         m, _ = data.shape
         mu = mean.to(device=data.compute_device)
@@ -489,21 +489,28 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             x = data.tensor.to(torch.float64)
             gram = (x.mT @ x).to_dense()  # sparse times sparse: only the n x n result is dense
         else:
-            # Blocks of rows centred in the data's dtype, their Gram matrices by GEMM in
-            # that dtype and summed in float64: as fast as X^T X, without its cancellation.
+            # Gram matrices of blocks of rows by GEMM in the data's dtype, summed in float64.
+            # X^T X - m mu mu^T loses digits to cancellation when the mean dominates the
+            # spread: then (mean energy over 100x the variance) the blocks are centred first.
             x = data.tensor
+            mean_energy = m * float(mu.double().square().sum())
+            centre = mean_energy > 100.0 * total_var * (m - 1)
             mu_x = mu.to(x.dtype)
             rows = max(1, (1 << 24) // max(1, x.shape[1]))
             gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            buffer = torch.empty(min(rows, m), x.shape[1], dtype=x.dtype, device=x.device)
+            buffer = torch.empty(min(rows, m) if centre else 0, x.shape[1], dtype=x.dtype,
+                                 device=x.device)  # fmt: skip
             for i in range(0, m, rows):
-                block = buffer[: min(rows, m - i)]
-                torch.sub(x[i : i + rows], mu_x, out=block)  # one buffer: no fresh pages
+                block = x[i : i + rows]
+                if centre:  # one buffer for every block: no fresh pages
+                    block = torch.sub(block, mu_x, out=buffer[: block.shape[0]])
                 if block.is_cpu:  # NumPy's B^T B is a symmetric rank-k update: half the FLOPs
-                    gram += torch.from_numpy(block.numpy().T @ block.numpy()).double()
+                    b = block.numpy()
+                    gram += torch.from_numpy(b.T @ b).double()
                 else:
                     gram += (block.mT @ block).double()
-            mu = torch.zeros_like(mu)  # already centred
+            if centre:
+                mu = torch.zeros_like(mu)
         mu64 = mu.double().to(gram.device)
         cov = (gram - m * torch.outer(mu64, mu64)) / (m - 1)
         cov = (cov + cov.mT) / 2
