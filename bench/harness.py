@@ -71,18 +71,18 @@ def auto_choices(mark: int) -> str:
     return " ".join(f"{row['op']}={row['choice']}" for row in rows)
 
 
-def _warm_up(fns, call: Callable[[str], Any], warmup: int) -> None:
-    """``warmup`` calls of each function; then more of each whose first call left a
+def _warm_up(names, call: Callable[[str], Any], warmup: int) -> None:
+    """``warmup`` calls of each ``call(name)``; then more of each whose first call left a
     provisional dispatch choice, until the choice is confirmed."""
     mine = {}
-    for name in fns:
+    for name in names:
         before = dispatch.provisional()
         call(name)
         mine[name] = dispatch.provisional() - before
     for _ in range(warmup - 1):
-        for name in fns:
+        for name in names:
             call(name)
-    for name in fns:
+    for name in names:
         for _ in range(dispatch.CONFIRM_AFTER + 1):
             if not mine[name] & dispatch.provisional():
                 break
@@ -105,7 +105,7 @@ def time_ms(
     def call() -> Any:
         return fn(next(counter) % rotate)
 
-    _warm_up({"fn": call}, lambda name: call(), warmup)
+    _warm_up([None], lambda _: call(), warmup)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         times = []
@@ -149,7 +149,7 @@ def time_ms_many(
     def call(name: str) -> Any:
         return fns[name](next(counters[name]) % rotate)
 
-    _warm_up(fns, call, warmup)
+    _warm_up(names, call, warmup)
     times: dict[str, list[float]] = {name: [] for name in names}
     shuffler = random.Random(0)
 

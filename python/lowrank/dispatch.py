@@ -428,13 +428,16 @@ class Dispatcher:
             self.decided[settled] = impl
         return impl, out
 
-    def _full_key(self, key, sample, options, names, kind) -> tuple:
+    def _full_key(self, key, sample, options, names, kind) -> tuple[tuple, bool]:
+        """The key of the shared choice table, and whether the candidates are a restricted
+        (forced) set, which gets its own entry and is never written to disk."""
         full = (self.op, device_name(sample.device), *key)
         if sample.is_cpu:
             full = (*full, torch.get_num_threads())
-        if kind != AUTO or names is not None:  # a restricted set: its own entry
+        forced = kind != AUTO or names is not None
+        if forced:
             full = (*full, kind, tuple(sorted(i.name for i in options)))
-        return full
+        return full, forced
 
     def _confirm(self, key, sample, args, names, keep_output, kind, pending):
         """The second measurement of a key: ``(impl, output or _NOT_RUN)``, or
@@ -446,8 +449,7 @@ class Dispatcher:
             options = self.candidates(sample, args, names, kind)
             if len(options) == 1:
                 return options[0], _NOT_RUN
-            full = self._full_key(key, sample, options, names, kind)
-            forced = kind != AUTO or names is not None
+            full, forced = self._full_key(key, sample, options, names, kind)
             return self._measure(full, options, sample, args, keep_output, not forced,
                                  confirmed=True)  # fmt: skip
         finally:
@@ -458,8 +460,7 @@ class Dispatcher:
         options = self.candidates(sample, args, names, kind)
         if len(options) == 1:
             return options[0], _NOT_RUN, True
-        full = self._full_key(key, sample, options, names, kind)
-        forced = kind != AUTO or names is not None
+        full, forced = self._full_key(key, sample, options, names, kind)
         choice = _table.get(full)
         allowed = {impl.name for impl in options}
         if choice is not None and choice.name in allowed and choice.source != "static":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lowrank import _validate as check
 from lowrank.linalg.operator import Operator, as_operator
 from lowrank.linalg.rsvd import (
     _check_options,
@@ -68,8 +69,9 @@ def pca(A, rank: int, center: bool = True, mean: torch.Tensor | None = None, **r
         ones = torch.ones(op.m, 1, dtype=op.dtype, device=op.device)
         mean = op.rmatmat(ones)[:, 0] / op.m
     else:
-        if not isinstance(mean, torch.Tensor) or tuple(mean.shape) != (op.n,):
-            raise ValueError(f"mean must be a tensor of shape ({op.n},)")
+        check.floating("mean", mean)
+        check.ndim("mean", mean, 1, "the column means")
+        check.size("mean", mean, 0, op.n, "A's columns")
         mean = mean.to(dtype=op.dtype, device=op.device)
     u, s, vh = rsvd(_Centred(op, mean), rank, **rsvd_options)
     out = A.dtype if isinstance(A, torch.Tensor) else op.dtype

@@ -86,10 +86,8 @@ def leading_subspace(
 
 
 def _unit_columns(y: torch.Tensor) -> torch.Tensor:
-    """y with unit columns (zero columns stay zero). The same span; but a gradient's
-    singular values fall by orders of magnitude within the rank, so the columns of ``G^T P``
-    and ``U S`` do too, and scaling them away leaves CholeskyQR a condition number near 1
-    where it would otherwise fall back to Householder QR."""
+    """y with unit columns (zero columns stay zero): the same span, with the columns'
+    spread of norms (the gradient's singular values) taken out of CholeskyQR's way."""
     return y / torch.linalg.vector_norm(y, dim=-2, keepdim=True).clamp_min(
         torch.finfo(y.dtype).tiny
     )
