@@ -19,23 +19,33 @@ Training the model between refreshes is not timed.
 
 from __future__ import annotations
 
+import importlib
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from harness import Result
 
+from lowrank.bench import checkout_path
+from lowrank.bench.harness import Result
 from lowrank.optim import GaLoreAdamW, galore_groups
 from lowrank.optim.galore import SIDES
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import train_small_lm as lm
 
 RANK = 128
 GAP = 8
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def small_lm():
+    """The model and corpus of ``examples/train_small_lm.py`` (in a source checkout only)."""
+    examples = checkout_path("examples", "train_small_lm.py")
+    if examples is None:
+        raise RuntimeError(
+            "the galore suite needs examples/train_small_lm.py from a source checkout"
+        )
+    if str(examples.parent) not in sys.path:
+        sys.path.insert(0, str(examples.parent))
+    return importlib.import_module("train_small_lm")
 
 
 def captured(grad: torch.Tensor, state: dict, exact_energy: float) -> float:
@@ -46,6 +56,7 @@ def captured(grad: torch.Tensor, state: dict, exact_energy: float) -> float:
 
 
 def measure(layers: int, refreshes: int, batch: int) -> list[Result]:
+    lm = small_lm()
     torch.manual_seed(0)
     model = lm.TinyLM(width=512, layers=layers, heads=8, mlp=1376, context=128)
     groups = galore_groups(model, rank=RANK, update_proj_gap=GAP, scale=0.25,

@@ -18,9 +18,9 @@ import statistics
 import time
 
 import torch
-from harness import Result, time_ms
 
 from lowrank import _native, dispatch
+from lowrank.bench.harness import Result, time_ms
 from lowrank.nn import SLTrainLinear
 from lowrank.ops import kron_matmul, monarch_matmul
 from lowrank.ops._library import below_autograd, define, register_autograd, register_kernel

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from harness import (
+
+from lowrank.bench.harness import (
     LOWRANK_VARIANTS,
     Result,
     auto_choices,
@@ -19,7 +20,6 @@ from harness import (
     time_ms_many,
     under,
 )
-
 from lowrank.ops import kron_matmul
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from harness import (
+
+from lowrank.bench.harness import (
     LOWRANK_VARIANTS,
     Result,
     auto_choices,
@@ -20,7 +21,6 @@ from harness import (
     time_ms_many,
     under,
 )
-
 from lowrank.nn import SLTrainLinear
 
 

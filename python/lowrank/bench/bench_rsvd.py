@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from harness import Result, time_ms, time_ms_many
 
+from lowrank.bench.harness import Result, time_ms, time_ms_many
 from lowrank.linalg import rsvd
 
 

@@ -16,8 +16,8 @@ pretrained weights, where a randomized SVD without oversampling loses accuracy.
 from __future__ import annotations
 
 import torch
-from harness import Result, time_ms_many
 
+from lowrank.bench.harness import Result, time_ms_many
 from lowrank.linalg import rsvd
 from lowrank.nn import LoRAAdapter
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from harness import Result, time_ms
 
+from lowrank.bench.harness import Result, time_ms
 from lowrank.linalg import rsvd
 
 

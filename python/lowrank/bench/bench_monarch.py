@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from harness import (
+
+from lowrank.bench.harness import (
     LOWRANK_VARIANTS,
     Result,
     auto_choices,
@@ -22,7 +23,6 @@ from harness import (
     time_ms_many,
     under,
 )
-
 from lowrank.ops import monarch_matmul
 
 
