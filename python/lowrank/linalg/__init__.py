@@ -1,4 +1,5 @@
-"""Randomized decompositions and projections onto structured matrices."""
+"""Randomized decompositions, projections onto structured matrices, and the whitening and
+truncated SVD that fit a layer's weight to its inputs."""
 
 from lowrank.linalg.error import ErrorEstimate, svd_error
 from lowrank.linalg.kronecker import KroneckerFactors, kron_rearrange, nearest_kronecker
@@ -8,6 +9,7 @@ from lowrank.linalg.operator import LinearOperator
 from lowrank.linalg.pca import pca
 from lowrank.linalg.rsvd import rsvd
 from lowrank.linalg.streaming_svd import StreamingResult, StreamingSVD
+from lowrank.linalg.whitening import Whitener, cholesky_damped, truncated_svd, whitener
 
 __all__ = [
     "ErrorEstimate",
@@ -16,6 +18,8 @@ __all__ = [
     "MonarchFactors",
     "StreamingResult",
     "StreamingSVD",
+    "Whitener",
+    "cholesky_damped",
     "kron_rearrange",
     "monarch_project",
     "nearest_kronecker",
@@ -23,4 +27,6 @@ __all__ = [
     "pca",
     "rsvd",
     "svd_error",
+    "truncated_svd",
+    "whitener",
 ]

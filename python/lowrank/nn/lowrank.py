@@ -25,7 +25,10 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.linalg.error import relative_residual
-from lowrank.linalg.rsvd import rsvd
+# The whitening and truncated SVD of from_dense, importable here as before.
+from lowrank.linalg.whitening import EXACT_SVD_MAX, Whitener, cholesky_damped  # noqa: F401
+from lowrank.linalg.whitening import truncated_svd as _truncated_svd
+from lowrank.linalg.whitening import whitener as _whitener
 from lowrank.nn._base import StructuredLinear
 
 
@@ -157,69 +160,3 @@ def _dense(linear_or_weight) -> tuple[torch.Tensor, torch.Tensor | None]:
                         f"{type(linear_or_weight).__name__}")  # fmt: skip
     check.weight("weight", weight)
     return weight, bias
-
-
-class Whitener:
-    """``G = L L^T`` for input statistics ``G`` (float64, damped until Cholesky succeeds):
-    ``W L`` weighs a weight's error by the data, ``M L^{-1}`` maps a fit back."""
-
-    def __init__(self, factor: torch.Tensor):
-        self.factor = factor
-
-    def unwhiten(self, m: torch.Tensor) -> torch.Tensor:
-        """``m L^{-1}`` for ``m`` of shape ``(k, in)``."""
-        return torch.linalg.solve_triangular(self.factor, m, upper=False, left=False)
-
-
-def _whitener(gram: torch.Tensor, inp: int, device) -> Whitener:
-    check.floating("gram", gram)
-    if gram.shape != (inp, inp):
-        raise ValueError(f"gram must be the ({inp}, {inp}) input statistics, got "
-                         f"{tuple(gram.shape)}")  # fmt: skip
-    g = gram.detach().to(device=device, dtype=torch.float64)
-    g = (g + g.T) / 2
-    if not bool(torch.isfinite(g).all()):
-        raise ValueError("gram contains NaN or Inf")
-    return Whitener(cholesky_damped(g))
-
-
-def cholesky_damped(g: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of a symmetric PSD ``g``, adding ``1e-6``, ``1e-5``, ... up to
-    ``0.1`` times its mean diagonal until the factorisation succeeds (activations are often
-    rank-deficient: dead or duplicated features). A matrix that needs more is not the
-    statistics of any data: it raises."""
-    n = g.shape[-1]
-    diagonal = g.diagonal()
-    if n and bool((diagonal < 0).any()):
-        raise ValueError("the input statistics are not positive semi-definite (a negative "
-                         "diagonal entry)")  # fmt: skip
-    scale = float(diagonal.mean()) if n else 1.0
-    scale = scale if scale > 0 else 1.0
-    eye = torch.eye(n, dtype=g.dtype, device=g.device)
-    for damping in (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1):
-        factor, info = torch.linalg.cholesky_ex(g + damping * scale * eye)
-        if int(info) == 0:
-            return factor
-    raise ValueError("the input statistics are not positive semi-definite")
-
-
-# Up to this size the exact SVD costs well under a second (and at most ~3x a randomized
-# one) and is exactly optimal; above it the randomized SVD with four power iterations.
-EXACT_SVD_MAX = 1024
-
-
-def _truncated_svd(target: torch.Tensor, rank: int | None, tol: float | None, seed: int):
-    """Top singular triplets of ``target``: ``rank`` of them, or the fewest within ``tol``."""
-    small = min(target.shape)
-    if tol is not None:
-        u, s, vh = torch.linalg.svd(target, full_matrices=False)
-        tail = s.square().flip(0).cumsum(0).flip(0)  # tail[k] = sum_{i >= k} s_i^2
-        total = float(tail[0]) if tail.numel() else 0.0
-        keep = [k for k in range(1, small + 1)
-                if (float(tail[k]) if k < small else 0.0) <= tol * tol * total]  # fmt: skip
-        rank = keep[0] if keep else small
-        return u[:, :rank], s[:rank], vh[:rank]
-    if small > EXACT_SVD_MAX and rank + 10 < small // 2:
-        return rsvd(target, rank, seed=seed, n_iter=4)
-    u, s, vh = torch.linalg.svd(target, full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank]
