@@ -111,7 +111,17 @@ def _empty(a, m, n, k):
 
 # ---- scikit-learn --------------------------------------------------------------------------------
 
-_NORMALIZERS = {"auto": "auto", "QR": "qr", "LU": "lu", "none": "none"}
+# scikit-learn's power_iteration_normalizer names -> rsvd's normalizer names.
+SKLEARN_NORMALIZERS = {"auto": "auto", "QR": "qr", "LU": "lu", "none": "none"}
+
+
+def sklearn_normalizer(value) -> str:
+    """rsvd's ``normalizer`` for scikit-learn's ``power_iteration_normalizer`` (``"auto"``,
+    ``"QR"``, ``"LU"`` or ``"none"``); ValueError for anything else."""
+    if not isinstance(value, str) or value not in SKLEARN_NORMALIZERS:
+        raise ValueError(f"power_iteration_normalizer must be one of "
+                         f"{sorted(SKLEARN_NORMALIZERS)}, got {value!r}")  # fmt: skip
+    return SKLEARN_NORMALIZERS[value]
 
 
 def seed_from(random_state) -> int:
@@ -187,9 +197,7 @@ def randomized_svd(M, n_components, *, n_oversamples=10, n_iter="auto",
     n_oversamples = check.integer("n_oversamples", n_oversamples, 0)
     if not (isinstance(n_iter, str) and n_iter == "auto"):
         n_iter = check.iterations("n_iter", n_iter)
-    if power_iteration_normalizer not in _NORMALIZERS:
-        raise ValueError(f"power_iteration_normalizer must be one of {sorted(_NORMALIZERS)}, "
-                         f"got {power_iteration_normalizer!r}")  # fmt: skip
+    normalizer = sklearn_normalizer(power_iteration_normalizer)
     if not (isinstance(transpose, (bool, np.bool_)) or transpose == "auto"):
         raise ValueError(f"transpose must be a bool or 'auto', got {transpose!r}")
     if not isinstance(flip_sign, (bool, np.bool_)):
@@ -200,10 +208,10 @@ def randomized_svd(M, n_components, *, n_oversamples=10, n_iter="auto",
     tensor, dtype = as_tensor_2d(M)
     m, n = tensor.shape
     k = min(n_components, m, n)
-    if n_iter == "auto":
-        n_iter = 7 if n_components < 0.1 * min(m, n) else 4
+    # n_iter="auto" is rsvd's own (scikit-learn's rule; n_components > min(m, n) gives 4 both
+    # ways, as k = min(m, n) does).
     u, s, vh = rsvd(tensor, k, oversample=min(n_oversamples, min(m, n) - k), n_iter=n_iter,
-                    normalizer=_NORMALIZERS[power_iteration_normalizer], seed=seed)  # fmt: skip
+                    normalizer=normalizer, seed=seed)  # fmt: skip
     # rsvd's sign convention is scikit-learn's flip_sign=True one: each column of U has its
     # largest-magnitude entry positive (flip_sign=False leaves signs unspecified).
     return (u.numpy().astype(dtype, copy=False), s.numpy().astype(dtype, copy=False),

@@ -33,13 +33,11 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "lowrank.sklearn needs scikit-learn >= 1.6 (pip install scikit-learn)"
     ) from error
 
-from lowrank.compat import seed_from
+from lowrank import _validate as check
+from lowrank.compat import seed_from, sklearn_normalizer
 from lowrank.linalg.out_of_core import RowPanels
 from lowrank.linalg.pca import pca
 from lowrank.linalg.rsvd import from_numpy, rsvd
-
-_NORMALIZERS = {"auto": "auto", "QR": "qr", "LU": "lu", "none": "none"}
-
 
 # ---- input handling ---------------------------------------------------------------------------
 
@@ -205,23 +203,6 @@ def _v_based_flip(u, vh):
     return (None if u is None else u * signs.mT), vh * signs
 
 
-def _check_random_state(random_state) -> int:
-    return seed_from(random_state)
-
-
-def _power_normalizer(value) -> str:
-    if value not in _NORMALIZERS:
-        raise ValueError(f"power_iteration_normalizer must be one of {sorted(_NORMALIZERS)}, "
-                         f"got {value!r}")  # fmt: skip
-    return _NORMALIZERS[value]
-
-
-def _positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 # ---- TruncatedSVD -------------------------------------------------------------------------------
 
 
@@ -254,11 +235,11 @@ class TruncatedSVD(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         if self.algorithm != "randomized":
             raise ValueError(f"algorithm must be 'randomized' (lowrank has no arpack), got "
                              f"{self.algorithm!r}")  # fmt: skip
-        k = _positive_int("n_components", self.n_components)
-        n_iter = _positive_int("n_iter", self.n_iter, 0)
-        oversample = _positive_int("n_oversamples", self.n_oversamples)
-        normalizer = _power_normalizer(self.power_iteration_normalizer)
-        seed = _check_random_state(self.random_state)
+        k = check.integer("n_components", self.n_components, 1)
+        n_iter = check.iterations("n_iter", self.n_iter)
+        oversample = check.integer("n_oversamples", self.n_oversamples, 1)
+        normalizer = sklearn_normalizer(self.power_iteration_normalizer)
+        seed = seed_from(self.random_state)
         data = _data(self, X, reset=True, min_features=2)
         m, n = data.shape
         if k > n:
@@ -394,7 +375,7 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                                  f"got {k!r}")  # fmt: skip
             k = float(k)
         elif k is not None:
-            k = _positive_int("n_components", k, 0)
+            k = check.integer("n_components", k, 0)
         data = _data(self, X, reset=True)
         m, n = data.shape
         if m < 2:
@@ -456,12 +437,12 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         m, n = data.shape
         n_iter = self.iterated_power
         if n_iter != "auto":
-            n_iter = _positive_int("iterated_power", n_iter, 0)
+            n_iter = check.iterations("iterated_power", n_iter)
         options = {
-            "oversample": min(_positive_int("n_oversamples", self.n_oversamples), min(m, n) - k),
+            "oversample": min(check.integer("n_oversamples", self.n_oversamples, 1), min(m, n) - k),
             "n_iter": n_iter,
-            "normalizer": _power_normalizer(self.power_iteration_normalizer),
-            "seed": _check_random_state(self.random_state),
+            "normalizer": sklearn_normalizer(self.power_iteration_normalizer),
+            "seed": seed_from(self.random_state),
         }
         if data.stream is not None:
             return pca(data.stream, k, max_memory=self.max_memory, **options)
