@@ -37,12 +37,17 @@ class FakeTimer:
         return self.ms[impl.name], impl.run(*args)
 
 
+# The toy's implementations agree within the dispatch's tolerance (2**-16 apart), so the
+# checked measurement keeps both, and still tell apart which one ran.
+FAST, SLOW = 1.0, 1.0 + 2**-16
+
+
 def toy(calls=None, nondeterministic=frozenset(), static="slow"):
     def make(name):
         def run(x):
             if calls is not None:
                 calls.append(name)
-            return x + (1.0 if name == "fast" else 2.0)
+            return x + (FAST if name == "fast" else SLOW)
 
         return run
 
@@ -112,7 +117,7 @@ def test_overrides(clean, monkeypatch, how):
         with dispatch.force("native"):
             y = toy()(("k",), x, x)
         assert dispatch.mode() == "auto"
-    assert torch.equal(y, x + 2.0) and timer.calls == []  # one candidate: nothing to time
+    assert torch.equal(y, x + SLOW) and timer.calls == []  # one candidate: nothing to time
     with dispatch.force("composite"):
         assert torch.equal(toy()(("k",), x, x), x + 1.0)
 
@@ -254,7 +259,7 @@ def test_deterministic_mode_never_times_and_skips_nondeterministic(clean, monkey
         assert dispatch.report()[0]["source"] == "static"
         # A candidate that is not deterministic here is never chosen ...
         op = toy(nondeterministic=frozenset({"cpu"}), static="fast")
-        assert torch.equal(op(("k2",), x, x), x + 2.0)
+        assert torch.equal(op(("k2",), x, x), x + SLOW)
         # ... and when it is the only one allowed, the op raises as torch does.
         with dispatch.force("composite"), pytest.raises(RuntimeError, match="not deterministic"):
             op(("k3",), x, x)
@@ -316,7 +321,9 @@ def test_concurrent_first_calls_measure_once(clean, monkeypatch):
     results = in_threads(lambda: op(("k",), x, x))
     assert len(results) == 8 and all(isinstance(r, torch.Tensor) for r in results)
     assert timer.calls.count("fast") == 1  # one measurement; the others used a choice
-    assert all(torch.equal(r, x + 1.0) or torch.equal(r, x + 2.0) for r in results)
+    # Threads that found the measurement under way ran the composite path: the native
+    # static choice ("slow") was not checked yet.
+    assert all(torch.equal(r, x + FAST) for r in results)
 
 
 def test_concurrent_calls_confirm_without_errors(clean, monkeypatch):
@@ -356,3 +363,277 @@ def test_bucket():
     assert [dispatch.bucket(n) for n in (0, 1, 2, 3, 4, 5, 4096, 4097)] == [
         0, 1, 2, 4, 4, 8, 4096, 8192,
     ]  # fmt: skip
+
+
+# ---- checked dispatch: a wrong, silent or raising native kernel never changes a result -------
+
+
+def _silent(*args):
+    """Launches nothing: the output keeps whatever its memory held."""
+
+
+def _raising(*args):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def _wrong_forward(real):
+    def run(code, x, a, b, base, scale, out, *rest):
+        real(code, x, a, b, base, 1.5 * scale, out, *rest)  # a wrong scale: wrong values
+
+    return run
+
+
+@pytest.mark.parametrize("fault", ["silent", "wrong", "raises"])
+def test_a_faulty_native_kernel_never_changes_results(clean, monkeypatch, fault):
+    from lowrank import _native
+
+    monkeypatch.setattr(_native, "POISON_OUTPUTS", False)  # outputs hold stale memory
+    real = _native._C.kron_matmul
+    faulty = {"silent": _silent, "wrong": _wrong_forward(real), "raises": _raising}[fault]
+    monkeypatch.setattr(_native._C, "kron_matmul", faulty)
+    x, a, b = torch.randn(256, 48), torch.randn(8, 6), torch.randn(5, 8)
+    expected = x @ torch.kron(a, b).T
+    with pytest.warns(RuntimeWarning, match="kron_matmul: the native implementation on cpu"):
+        results = [kron_matmul(x, a, b) for _ in range(2 * dispatch.CONFIRM_AFTER + 2)]
+    for y in results:
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    (row,) = [r for r in dispatch.report() if r["op"] == "kron_matmul"]
+    assert row["choice"] == "composite" and dispatch.provisional() == set()
+    assert list(row["excluded"]) == ["native"] and "native" not in row["ms"]
+    reason = row["excluded"]["native"]
+    assert ("raised RuntimeError" in reason) if fault == "raises" else ("composite" in reason)
+    assert "excluded native" in dispatch.format_report()
+    # For good: a new process reads the exclusion from the cache and never runs the kernel.
+    dispatch.clear()
+    monkeypatch.setattr(_native._C, "kron_matmul", _raising)
+    torch.testing.assert_close(kron_matmul(x, a, b), expected, rtol=1e-4, atol=1e-4)
+    assert dispatch.report()[0]["excluded"] == {"native": reason}
+
+
+def test_a_faulty_backward_kernel_never_changes_gradients(clean, monkeypatch):
+    from lowrank import _native
+
+    monkeypatch.setattr(_native, "POISON_OUTPUTS", False)
+    monkeypatch.setattr(_native._C, "kron_matmul_backward", _silent)
+    x, a, b = torch.randn(128, 30), torch.randn(4, 5), torch.randn(3, 6)
+    grads = []
+    with pytest.warns(RuntimeWarning, match="kron_matmul_backward: the native"):
+        for _ in range(dispatch.CONFIRM_AFTER + 2):
+            leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+            kron_matmul(*leaves).square().sum().backward()
+            grads.append([t.grad for t in leaves])
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    (leaves[0] @ torch.kron(leaves[1], leaves[2]).T).square().sum().backward()
+    for got in grads:
+        for g, t in zip(got, leaves):
+            torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
+    rows = {r["op"]: r for r in dispatch.report()}
+    assert "native" in rows["kron_matmul_backward"]["excluded"]
+    assert rows["kron_matmul"]["excluded"] == {}  # the forward kernel is fine
+
+
+def test_the_confirming_measurement_checks_too(clean, monkeypatch):
+    """A kernel that agrees at the first measurement and not at the confirming one is
+    excluded then, and that call returns the composite's result."""
+    broken = []
+
+    def native(x):
+        return x + (3.0 if broken else SLOW)
+
+    op = dispatch.Dispatcher("toy", (
+        dispatch.Impl("native", dispatch.NATIVE, native),
+        dispatch.Impl("composite", dispatch.COMPOSITE, lambda x: x + FAST),
+    ), lambda x, *args: "composite")  # fmt: skip
+    monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"native": 1.0, "composite": 2.0}))
+    x = torch.zeros(4)
+    for _ in range(dispatch.CONFIRM_AFTER):
+        assert torch.equal(op(("k",), x, x), x + SLOW)  # measured, checked, provisional
+    broken.append(True)
+    with pytest.warns(RuntimeWarning, match="toy: the native implementation"):
+        assert torch.equal(op(("k",), x, x), x + FAST)  # the confirmation
+    (row,) = dispatch.report()
+    assert (row["choice"], row["source"]) == ("composite", "confirmed")
+    assert "differs from the composite path" in row["excluded"]["native"]
+
+
+def test_an_output_buffer_a_kernel_leaves_alone_is_caught(clean, monkeypatch):
+    """With ``out_args``, the buffer every implementation overwrites is NaN before each
+    checked run: a kernel that writes nothing cannot pass on the composite's values, and
+    the buffer ends holding checked values even when the excluded kernel ran last."""
+    op = dispatch.Dispatcher("toy", (
+        dispatch.Impl("native", dispatch.NATIVE, lambda x, out: out),
+        dispatch.Impl("composite", dispatch.COMPOSITE, lambda x, out: torch.add(x, 1, out=out)),
+    ), lambda x, *args: "native", out_args=(1,))  # fmt: skip
+    monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"native": 1.0, "composite": 2.0}))
+    x, out = torch.randn(16), torch.empty(16)
+    with pytest.warns(RuntimeWarning, match="non-finite values"):
+        op(("k",), x, x, out)
+    assert torch.equal(out, x + 1)
+    assert list(dispatch.report()[0]["excluded"]) == ["native"]
+
+
+def test_discarded_outputs_are_overwritten(clean, monkeypatch):
+    """A measurement releases no memory holding a correct result: outputs it discards are
+    NaN first, so a kernel that writes nothing into a fresh output cannot pass a later round
+    on what the allocator hands back."""
+    outputs = []
+
+    def record(value):
+        def run(x):
+            outputs.append(x + value)
+            return outputs[-1]
+
+        return run
+
+    op = dispatch.Dispatcher("toy", (
+        dispatch.Impl("native", dispatch.NATIVE, record(SLOW)),
+        dispatch.Impl("composite", dispatch.COMPOSITE, record(FAST)),
+    ), lambda x, *args: "composite")  # fmt: skip
+    monkeypatch.setattr(dispatch, "_elapsed_ms", FakeTimer({"native": 0.1, "composite": 0.2}))
+    x = torch.randn(8)
+    y = op(("k",), x, x)
+    assert len(outputs) == 2 * dispatch.MAX_REPETITIONS
+    assert y is outputs[0] and torch.equal(y, x + SLOW)  # the fastest run, returned
+    assert [i for i, t in enumerate(outputs) if not torch.isnan(t).all()] == [0]
+
+
+def test_deterministic_mode_checks_a_native_static_choice(clean, monkeypatch):
+    op = dispatch.Dispatcher("toy", (
+        dispatch.Impl("native", dispatch.NATIVE, lambda x: x + 3.0),
+        dispatch.Impl("composite", dispatch.COMPOSITE, lambda x: x + FAST),
+    ), dispatch.default_kind)  # fmt: skip
+    x = torch.zeros(2)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.warns(RuntimeWarning, match="toy: the native implementation"):
+            assert torch.equal(op(("k",), x, x), x + FAST)
+        assert torch.equal(op(("k",), x, x), x + FAST)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert list(dispatch.report()[0]["excluded"]) == ["native"]
+
+
+def test_forced_modes_run_what_was_asked(clean):
+    op = dispatch.Dispatcher("toy", (
+        dispatch.Impl("native", dispatch.NATIVE, _raising),
+        dispatch.Impl("composite", dispatch.COMPOSITE, lambda x: x + FAST),
+    ), dispatch.default_kind)  # fmt: skip
+    x = torch.zeros(2)
+    with dispatch.force("native"), pytest.raises(RuntimeError, match="illegal memory"):
+        op(("k",), x, x)
+    assert dispatch.report() == []  # nothing measured, nothing excluded
+
+
+def test_the_tolerance_separates_rounding_from_wrong_values():
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 512), torch.randn(512, 96)
+    exact = a.double() @ b.double()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        ref = (a.to(dtype) @ b.to(dtype)).to(dtype)
+        other = (a.to(dtype).double() @ b.to(dtype).double()).to(dtype)  # rounded once
+        size = a.numel()
+        assert dispatch._disagreement(other, ref, size) is None, dtype
+        assert dispatch._disagreement((other, other), (ref, ref), size) is None
+        wrong = other.clone()
+        wrong[17, 5] = -wrong[17, 5] + ref.abs().mean()  # one misplaced element
+        assert "times the tolerance" in dispatch._disagreement(wrong, ref, size), dtype
+        stale = other.clone()
+        stale[3, 3] = float("nan")
+        assert "1 non-finite" in dispatch._disagreement(stale, ref, size)
+        both = ref.clone()
+        both[3, 3] = float("inf")
+        assert dispatch._disagreement(stale, both, size) is None  # non-finite in both
+    ref = exact.float()
+    assert "(output 1)" in dispatch._disagreement((ref, ref * 1.01), (ref, ref), size)
+    assert "instead of" in dispatch._disagreement(ref[:3], ref, size)
+    zeros = torch.zeros(5)
+    assert dispatch._disagreement(zeros, zeros, 1) is None
+    assert dispatch.tolerance(torch.float32, 10**6) > dispatch.tolerance(torch.float32)
+    assert dispatch.tolerance(torch.float16) > dispatch.tolerance(torch.float32)
+
+
+# ---- native CUDA kernels only on a GPU model whose test suite passed ----------------------------
+
+
+class FakeCuda:
+    """A CUDA-looking sample (the device is all dispatch reads) for CPU tests."""
+
+    is_cuda, is_cpu = True, False
+    device = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    names = {0: "NVIDIA Fake H100", 1: "NVIDIA Other Model"}
+    monkeypatch.setattr(dispatch, "_device_names", {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: names[device.index])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return names
+
+
+def test_a_pass_is_recorded_and_looked_up_per_model(clean, fake_gpus):
+    assert not dispatch.cuda_verified("cuda:0") and not dispatch.cuda_verified(1)
+    dispatch.record_cuda_pass("cuda:0", evidence="pytest -m cuda")
+    assert dispatch.cuda_verified("cuda:0") and not dispatch.cuda_verified("cuda:1")
+    (path,) = clean.glob("cuda-pass-*Fake-H100.json")
+    record = json.loads(path.read_text())
+    assert record["device"] == "NVIDIA Fake H100" and record["evidence"] == "pytest -m cuda"
+    assert record["torch"] == torch.__version__
+    dispatch.clear()  # a new process reads the record
+    assert dispatch.cuda_verified(torch.device("cuda", 0))
+    path.write_text("{broken")
+    dispatch.clear()
+    with pytest.warns(RuntimeWarning, match="unreadable record"):
+        assert not dispatch.cuda_verified("cuda:0")
+    with pytest.raises(ValueError, match="device must be a CUDA device"):
+        dispatch.record_cuda_pass("cpu")
+    with pytest.raises(TypeError, match="device must be"):
+        dispatch.cuda_verified(1.5)
+
+
+def test_unverified_gpus_measure_only_composites(clean, monkeypatch, fake_gpus):
+    timer = FakeTimer({"slow": 1.0, "fast": 2.0})
+    monkeypatch.setattr(dispatch, "_elapsed_ms", timer)
+    x = torch.zeros(2)
+    op = toy(static="slow")
+    assert torch.equal(op(("k",), FakeCuda(), x), x + FAST)  # one candidate: composite
+    assert timer.calls == [] and list(clean.glob("dispatch-*.json")) == []
+    dispatch.record_cuda_pass("cuda:0")  # decisions made before are made again
+    assert torch.equal(op(("k",), FakeCuda(), x), x + SLOW)
+    assert set(timer.calls) == {"slow", "fast"}
+    (row,) = dispatch.report()
+    assert row["device"] == "NVIDIA Fake H100" and row["choice"] == "slow"
+    with dispatch.force("native"):  # forced: runs what was asked on any GPU
+        dispatch.clear()
+        assert torch.equal(op(("k",), FakeCuda(), x), x + SLOW)
+
+
+def test_verify_cuda(clean, monkeypatch, fake_gpus):
+    import lowrank
+    from lowrank import _native
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        lowrank.verify_cuda()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_native, "_cuda", object())
+    commands = []
+
+    def run(command, cwd, exit_status):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, exit_status)
+
+    monkeypatch.setattr(subprocess, "run", lambda c, cwd: run(c, cwd, 1))
+    with pytest.raises(RuntimeError, match="did not pass on NVIDIA Fake H100"):
+        lowrank.verify_cuda()
+    assert not dispatch.cuda_verified("cuda:0")
+    monkeypatch.setattr(subprocess, "run", lambda c, cwd: run(c, cwd, 0))
+    lowrank.verify_cuda(None, "-k", "kron")
+    assert dispatch.cuda_verified("cuda:0") and not dispatch.cuda_verified("cuda:1")
+    assert commands[-1][1:5] == ["-m", "pytest", "-m", "cuda"] and commands[-1][-2:] == [
+        "-k", "kron",
+    ]  # fmt: skip
+    assert commands[-1][-3].endswith("tests")
+    with pytest.raises(ValueError, match="tests must be the folder"):
+        lowrank.verify_cuda(clean / "missing")

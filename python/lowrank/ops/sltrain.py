@@ -409,7 +409,7 @@ def _backward_factored(sparse, sampled):
 
 
 _CUDA_ATOMICS = frozenset({"cuda"})
-# Token-major arguments: the rows (0) and the output buffer (7).
+# Token-major arguments: the rows (0) and the output buffer (7), which every path overwrites.
 _forward_dispatch = dispatch.Dispatcher("sltrain_matmul", (
     dispatch.Impl("rebuild-native", dispatch.NATIVE, _forward_rebuild(_rebuild_native),
                   _native_unavailable),
@@ -417,7 +417,7 @@ _forward_dispatch = dispatch.Dispatcher("sltrain_matmul", (
     dispatch.Impl("factored-native", dispatch.NATIVE, _forward_factored(_sparse_native),
                   _native_unavailable, _CUDA_ATOMICS),
     dispatch.Impl("factored-composite", dispatch.COMPOSITE, _forward_factored(_sparse_composite)),
-), _static_forward, (0, 7))  # fmt: skip
+), _static_forward, (0, 7), out_args=(7,))  # fmt: skip
 _backward_dispatch = dispatch.Dispatcher("sltrain_matmul_backward", (
     dispatch.Impl("rebuild-native", dispatch.NATIVE, _backward_rebuild(_rebuild_native),
                   _native_unavailable),
