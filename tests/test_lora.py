@@ -12,7 +12,7 @@ from conftest import RecordShapes, relative_error
 from torch import nn
 
 from lowrank.nn import LoRAAdapter, convert, unconvert
-from lowrank.nn.calibration import InputStats
+from lowrank.nn.calibration import InputStats, input_statistics
 from lowrank.nn.lora import INITS, eva_ranks, peft_state, save_peft
 
 peft = pytest.importorskip("peft")
@@ -67,7 +67,7 @@ def test_identity_inits_follow_peft():
     layer = LoRAAdapter(nn.Linear(512, 512), 8, init="gaussian", seed=0)
     assert abs(float(layer.A.detach().std()) - 1 / 8) < 0.01  # PEFT's "gaussian": std 1/r
     layer = LoRAAdapter(nn.Linear(512, 512), 8, init="kaiming", seed=0)
-    assert float(layer.A.abs().max()) <= 1 / 512**0.5 and torch.count_nonzero(layer.B) == 0
+    assert float(layer.A.detach().abs().max()) <= 1 / 512**0.5 and torch.count_nonzero(layer.B) == 0
 
 
 def test_no_dense_product_forward_or_backward():
@@ -196,6 +196,10 @@ def test_bad_input():
         LoRAAdapter(nn.Linear(4, 6), 2, init="corda", stats=stats_of(torch.randn(9, 5)))
     with pytest.raises(ValueError, match="dropout"):
         LoRAAdapter(nn.Linear(4, 6), 2, dropout=1.0)
+    overflowed = stats_of(torch.tensor([[1e200, 0.0, 0.0, 1.0]] * 3))
+    for init in ("eva", "corda"):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            LoRAAdapter(nn.Linear(4, 6), 2, init=init, stats=overflowed)
     with pytest.raises(ValueError, match="svd"):
         LoRAAdapter(nn.Linear(4, 6), 2, init="pissa", svd="fast")
 
@@ -262,3 +266,168 @@ def test_convert_lora_errors():
         peft_state(model)
     with pytest.raises(ValueError, match="no LoRAAdapter"):
         peft_state(toy())
+
+
+class Nested(nn.Module):
+    """Layers whose names are suffixes of each other: ``q`` and ``blk.q``, ``k`` and
+    ``blk.k``, as PEFT matches ``target_modules`` and its patterns."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(16, 16)
+        self.blk = nn.ModuleDict({"q": nn.Linear(16, 16), "k": nn.Linear(16, 16)})
+        self.k = nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = torch.tanh(self.q(x))
+        h = torch.tanh(self.blk.q(h)) + self.blk.k(h)
+        return self.k(h)
+
+
+def nested() -> Nested:
+    torch.manual_seed(0)
+    return Nested()
+
+
+def peft_round_trip(model, original, folder):
+    """Saves ``model``'s adapters for PEFT and loads them onto ``original``: the loaded
+    model and its LoRA layers by name."""
+    save_peft(model, str(folder))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), str(folder))
+    layers = {name: m for name, m in loaded.base_model.model.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}  # fmt: skip
+    return loaded, layers
+
+
+# name -> (rank, alpha, init); blk.k stays a plain nn.Linear
+SUFFIX_CASES = {
+    "alphas": {"q": (4, 16.0, "gaussian"), "blk.q": (4, 4.0, "gaussian"), "k": (4, 4.0, "kaiming")},
+    "ranks": {"q": (2, 16.0, "pissa"), "blk.q": (1, 2.0, "olora"), "k": (2, 4.0, "kaiming")},
+}
+
+
+@pytest.mark.parametrize("case", SUFFIX_CASES)
+def test_save_peft_with_names_that_are_suffixes_of_each_other(case, tmp_path):
+    original = nested()
+    model = copy.deepcopy(original)
+    g = torch.Generator().manual_seed(3)
+    for name, (rank, alpha, init) in SUFFIX_CASES[case].items():
+        layer = LoRAAdapter(model.get_submodule(name), rank, alpha, init=init, svd="exact")
+        with torch.no_grad():  # as if trained
+            for p in (layer.A, layer.B):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        model.set_submodule(name, layer)
+    loaded, layers = peft_round_trip(model, original, tmp_path)
+    x = inputs()
+    with torch.no_grad():
+        expected = model(x)
+        assert relative_error(expected, original(x)) > 1e-3
+        assert relative_error(loaded(x), expected) <= 1e-5
+    assert sorted(layers) == sorted(SUFFIX_CASES[case])  # blk.k is not wrapped
+    for name, theirs in layers.items():
+        _, _, r, alpha = model.get_submodule(name).peft_factors()
+        assert theirs.r["default"] == r and theirs.scaling["default"] == alpha / r
+
+
+def test_save_peft_after_eva_redistribution_with_nested_names(tmp_path):
+    original = nested()
+    x = inputs() * torch.logspace(-2, 1, 16)  # spectra that give the layers different ranks
+    model = copy.deepcopy(original)
+    report = convert(model, "lora", rank=4, alpha=8, init="eva", rho=2.0, calibration=[x],
+                     filter=lambda name, _: name != "blk.k", progress=False)  # fmt: skip
+    ranks = {r.name: model.get_submodule(r.name).rank for r in report.layers}
+    assert len(ranks) == 3 and len(set(ranks.values())) == 3  # a rank_pattern is needed
+    with torch.no_grad():
+        for name in ranks:
+            model.get_submodule(name).B.normal_(0.0, 0.3)
+    loaded, layers = peft_round_trip(model, original, tmp_path)
+    assert {n: m.r["default"] for n, m in layers.items()} == ranks
+    with torch.no_grad():
+        expected = model(x)
+        assert relative_error(expected, original(x)) > 1e-3
+        assert relative_error(loaded(x), expected) <= 1e-5
+
+
+def test_save_peft_writes_the_dropout(tmp_path):
+    original = toy()
+    model = copy.deepcopy(original)
+    model.a = LoRAAdapter(model.a, 4, dropout=0.25)
+    model.b = LoRAAdapter(model.b, 4, dropout=0.25)
+    _, layers = peft_round_trip(model, original, tmp_path)
+    assert all(m.lora_dropout["default"].p == 0.25 for m in layers.values())
+    model.b = LoRAAdapter(model.b.base, 4, dropout=0.1)
+    model.c = LoRAAdapter(nn.Linear(4, 4), 2, dropout=0.25)  # the most common dropout wins
+    with pytest.warns(UserWarning, match=r"lora_dropout.*0\.25.*\['b'\]"):
+        _, config = peft_state(model)
+    assert config["lora_dropout"] == 0.25
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_adapter_on_the_meta_device(init):
+    base = nn.Linear(16, 24, device="meta")
+    stats = InputStats(torch.empty(16, 16, device="meta"), torch.empty(16, device="meta"), 8)
+    layer = LoRAAdapter(base, 4, 8.0, init=init, stats=stats)
+    assert layer.A.is_meta and layer.B.is_meta and layer.A.shape == (4, 16)
+    assert (layer.A0 is not None) == (init in ("pissa", "olora", "corda"))
+    assert layer(torch.empty(3, 16, device="meta")).shape == (3, 24)
+    if init in ("eva", "corda"):
+        with pytest.raises(ValueError, match="16 inputs"):
+            LoRAAdapter(base, 4, init=init, stats=stats_of(torch.randn(9, 5)))
+
+
+@pytest.mark.parametrize("init", ["kaiming", "pissa"])
+def test_convert_on_the_meta_device_then_load(init):
+    """A model built on the meta device takes the adapters' structure, then a trained
+    adapter's state dict."""
+    trained = convert(toy(), "lora", rank=4, alpha=8, init=init, progress=False).model
+    with torch.no_grad():
+        trained.a.B.normal_()
+    with torch.device("meta"):
+        skeleton = Toy()
+    report = convert(skeleton, "lora", rank=4, alpha=8, init=init, progress=False)
+    assert len(report.layers) == 2 and skeleton.a.A.is_meta
+    skeleton.to_empty(device="cpu")
+    skeleton.load_state_dict(trained.state_dict())
+    x = inputs()
+    with torch.no_grad():
+        assert relative_error(skeleton(x), trained(x)) <= 1e-6
+
+
+# ---- calibration --------------------------------------------------------------------------------
+
+
+class Scaled(nn.Module):
+    """``b(gain * a(x))``: a large ``gain`` makes ``b``'s inputs overflow."""
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain = gain
+        self.a = nn.Linear(16, 24)
+        self.b = nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.b(self.gain * self.a(x))
+
+
+def test_calibration_skips_empty_batches():
+    model = toy()
+    x = inputs()
+    layers = {"a": model.a, "b": model.b}
+    stats = input_statistics(model, [x[:0], x, x[:0]], layers, progress=False)
+    expected = stats_of(x)
+    assert stats["a"].count == 64
+    assert relative_error(stats["a"].gram, expected.gram) <= 1e-6
+    with pytest.raises(ValueError, match=r"\['a', 'b'\] no tokens"):
+        input_statistics(model, [x[:0], x[:0]], layers, progress=False)
+
+
+@pytest.mark.parametrize(("gain", "message"), [(float("inf"), "NaN or Inf"),
+                                               (1e20, "overflow float32")])  # fmt: skip
+def test_calibration_names_the_layer_with_non_finite_inputs(gain, message):
+    model = Scaled(gain)
+    x = inputs()
+    layers = {"a": model.a, "b": model.b}
+    with pytest.raises(ValueError, match=f"layer 'b'.*{message}"):
+        input_statistics(model, [x], layers, progress=False)
+    with pytest.raises(ValueError, match="layer 'b'"):
+        convert(model, "lora", rank=2, init="eva", calibration=[x], progress=False)

@@ -105,13 +105,25 @@ class InputStats:
 
 def input_statistics(model, batches, layers, *, progress=True) -> dict[str, InputStats]:
     """:class:`InputStats` of each layer's inputs over all tokens of all batches: each
-    batch's product in float32 (float64 inputs stay float64), summed in float64."""
+    batch's product in float32 (float64 inputs stay float64), summed in float64.
+
+    A batch that reaches a layer with no tokens adds nothing to it. Raises ``ValueError``
+    naming the layer when a layer's inputs hold NaN or Inf, when their float32 Gram matrix
+    overflows, or when no batch brings a layer any token."""
     stats: dict[str, InputStats] = {}
+    reached: set[str] = set()
 
     def observe(name, x):
+        reached.add(name)
         rows = x.detach().reshape(-1, x.shape[-1])
+        if rows.shape[0] == 0:
+            return
         rows = rows if rows.dtype == torch.float64 else rows.float()
-        gram, total = (rows.T @ rows).double(), rows.sum(0).double()
+        gram = rows.T @ rows
+        # x x^T's diagonal holds every squared entry: a finite Gram means finite inputs.
+        if not bool(torch.isfinite(gram).all()):
+            _raise_non_finite(name, rows)
+        gram, total = gram.double(), rows.sum(0).double()
         if name in stats:
             seen = stats[name]
             stats[name] = InputStats(seen.gram + gram, seen.total + total, seen.count + len(rows))
@@ -119,11 +131,28 @@ def input_statistics(model, batches, layers, *, progress=True) -> dict[str, Inpu
             stats[name] = InputStats(gram, total, len(rows))
 
     run(model, batches, layers, observe, progress=progress, desc="calibration: input statistics")
-    missing = [name for name in layers if name not in stats]
+    missing = [name for name in layers if name not in reached]
     if missing:
         raise ValueError(f"calibration never reached the layers {missing[:5]}: are they used "
                          "by the model's forward?")  # fmt: skip
+    empty = [name for name in layers if name not in stats]
+    if empty:
+        raise ValueError(f"calibration gave the layers {empty[:5]} no tokens: every batch "
+                         "reached them with an empty input")  # fmt: skip
     return stats
+
+
+def _raise_non_finite(name: str, rows: torch.Tensor) -> None:
+    """The error for a layer whose input Gram matrix is not finite: NaN/Inf in the inputs,
+    or inputs so large that their products overflow."""
+    if not bool(torch.isfinite(rows).all()):
+        raise ValueError(f"calibration: the inputs of layer {name!r} contain NaN or Inf (the "
+                         "model's activations are not finite on the calibration data)")  # fmt: skip
+    dtype = str(rows.dtype).removeprefix("torch.")
+    largest = float(rows.abs().max())
+    raise ValueError(f"calibration: the inputs of layer {name!r} overflow {dtype} in their "
+                     f"Gram matrix (inputs up to {largest:.3g} in magnitude); run the model "
+                     "in float64 or rescale its activations")  # fmt: skip
 
 
 def output_sensitivity(model, batch, layers, *, probes: int = 4, seed: int = 0):

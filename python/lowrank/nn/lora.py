@@ -39,6 +39,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -113,7 +114,10 @@ class LoRAAdapter(AdapterLinear):
         if init in DATA_DRIVEN and stats is None:
             raise ValueError(f"init={init!r} needs the layer's input statistics (stats=), e.g. "
                              "through lowrank.nn.convert(..., calibration=batches)")  # fmt: skip
-        check.weight("base.weight", base.weight)
+        if base.weight.is_meta:  # a structure to load values into later: no values to check
+            check.floating("base.weight", base.weight)
+        else:
+            check.weight("base.weight", base.weight)
         base.requires_grad_(False)
         self.base = base
         self.rank = rank
@@ -133,6 +137,14 @@ class LoRAAdapter(AdapterLinear):
     # ---- initialisation ---------------------------------------------------------------------
 
     def _initialise(self, stats, svd, n_iter, corda_method, seed) -> None:
+        if self.A.is_meta:
+            # Shapes only (e.g. a model built on the meta device, then loaded): no values to
+            # compute, but the same parameters and buffers as a materialised adapter.
+            if self.init in DATA_DRIVEN:
+                _check_stats(stats, self.in_features)
+            if self.init in MUTATING:
+                self.A0, self.B0 = torch.empty_like(self.A), torch.empty_like(self.B)
+            return
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.A.device).manual_seed(seed)
@@ -246,6 +258,16 @@ def _sign_fixed(rows: torch.Tensor) -> torch.Tensor:
     return torch.where(rows.gather(1, index) < 0, -rows, rows)
 
 
+def _check_stats(stats: Any, in_features: int) -> None:
+    """``stats`` must be finite input statistics of a layer with ``in_features`` inputs."""
+    if not isinstance(stats, InputStats) or stats.gram.shape != (in_features, in_features):
+        raise ValueError(f"stats must be the InputStats of a layer with {in_features} inputs")
+    if not stats.gram.is_meta and not bool(torch.isfinite(stats.gram).all()
+                                           & torch.isfinite(stats.total).all()):  # fmt: skip
+        raise ValueError("stats contain NaN or Inf (the layer's calibration inputs were not "
+                         "finite, or overflowed)")  # fmt: skip
+
+
 def eva_spectrum(stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
     """``(explained variance ratios, components)`` of the centred inputs, descending:
     eigenvalues of the covariance over its trace, and its eigenvectors as rows."""
@@ -258,8 +280,7 @@ def eva_spectrum(stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
 
 def eva_components(stats: InputStats, rank: int, in_features: int) -> torch.Tensor:
     """The top ``rank`` principal directions of the layer's inputs, ``(rank, in)``."""
-    if not isinstance(stats, InputStats) or stats.gram.shape != (in_features, in_features):
-        raise ValueError(f"stats must be the InputStats of a layer with {in_features} inputs")
+    _check_stats(stats, in_features)
     if stats.count < 2:
         raise ValueError("EVA needs at least two calibration tokens")
     return eva_spectrum(stats)[1][:rank]
@@ -269,8 +290,7 @@ def corda_factors(w, stats, rank, scale, method):
     """CorDA's ``(A, B)``: the SVD of ``W C`` (``C`` the inputs' second moment, damped by
     ``0.01`` times its mean diagonal, doubled until positive definite, as CorDA does)."""
     in_f = w.shape[1]
-    if not isinstance(stats, InputStats) or stats.gram.shape != (in_f, in_f):
-        raise ValueError(f"stats must be the InputStats of a layer with {in_f} inputs")
+    _check_stats(stats, in_f)
     c = stats.covariance(centred=False).to(w.dtype)
     c = (c + c.T) / 2
     eye = torch.eye(in_f, dtype=c.dtype, device=c.device)
@@ -309,12 +329,26 @@ def eva_ranks(spectra: dict[str, torch.Tensor], rank: int, rho: float) -> dict[s
 
 
 def peft_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(tensors, adapter_config)`` of every :class:`LoRAAdapter` in ``model`` as PEFT's
+    r"""``(tensors, adapter_config)`` of every :class:`LoRAAdapter` in ``model`` as PEFT's
     LoRA format: keys ``base_model.model.<name>.lora_A.weight`` / ``.lora_B.weight``,
-    against the original (unmodified) base weights."""
+    against the original (unmodified) base weights.
+
+    The config names exactly the adapted layers. PEFT matches a ``target_modules`` list and
+    the keys of ``rank_pattern``/``alpha_pattern`` as name *suffixes* (``"q"`` also matches
+    ``"blk.q"``), so ``target_modules`` is written as a regular expression PEFT matches
+    against the whole name, and each pattern key as ``^<name>``: PEFT tries a key ``k`` as
+    ``(.*\.)?(k)$`` from the start of the name, so the anchor lets it match only the name
+    itself. ``r`` and ``lora_alpha`` are the most common values and the patterns list the
+    layers that differ.
+
+    PEFT has one ``lora_dropout`` for all layers: the adapters' dropout when they agree, else
+    the most common one, with a warning naming the layers whose dropout differs (dropout acts
+    only in training, so the loaded model's outputs are the same either way).
+    """
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
+    dropouts: dict[str, float] = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoRAAdapter):
             continue
@@ -325,25 +359,33 @@ def peft_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
         ranks[name], alphas[name] = r, alpha
+        dropouts[name] = float(getattr(module.dropout, "p", 0.0))
     if not ranks:
         raise ValueError("the model holds no LoRAAdapter")
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas[n] for n in ranks if ranks[n] == r).most_common(1)[0][0]
+    dropout = Counter(dropouts.values()).most_common(1)[0][0]
+    differ = [n for n, p in dropouts.items() if p != dropout]
+    if differ:
+        warnings.warn(f"PEFT has one lora_dropout for all layers: saved {dropout:g}, the most "
+                      f"common; the layers {differ[:5]} use another dropout, which PEFT will "
+                      "not apply if it trains them", stacklevel=3)  # fmt: skip
+    names = sorted(ranks)
     config = {
         "peft_type": "LORA",
         "task_type": None,
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "target_modules": sorted(ranks),
+        "lora_dropout": dropout,
+        # a string is matched against each module's whole name (re.fullmatch)
+        "target_modules": "|".join(f"(?:{re.escape(n)})" for n in names),
         "init_lora_weights": True,  # never re-run a base-rewriting init on load
         "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": False,
         "bias": "none",
-        # PEFT matches a pattern key k as the regular expression (.*\.)?(k)$
-        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): alphas[n] for n in ranks if alphas[n] != alpha},
+        "rank_pattern": {f"^{re.escape(n)}": ranks[n] for n in names if ranks[n] != r},
+        "alpha_pattern": {f"^{re.escape(n)}": alphas[n] for n in names if alphas[n] != alpha},
         "inference_mode": True,
     }
     return tensors, config
