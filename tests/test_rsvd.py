@@ -241,6 +241,32 @@ def test_fixed_accuracy_meets_tol():
         assert optimal(a, k - 1) > tol * float(a.norm()) * 0.5  # not much larger than needed
 
 
+@pytest.mark.parametrize("normalizer", ["auto", "qr", "lu", "none"])
+@pytest.mark.parametrize("exponent", [-100, -66, 57, 100])  # 2^-100 ~ 8e-31, 2^100 ~ 1e30
+def test_fixed_accuracy_is_scale_invariant_in_float32(normalizer, exponent):
+    """A rank-5 float32 matrix times 2^j: tol= finds the same 5 triplets, S times 2^j (a power
+    of two scales exactly). Unscaled, products of products leave float32's range."""
+    a = matrix_with_spectrum(torch.tensor([5.0, 4, 3, 2, 1]), 200, 120, dtype=torch.float32)
+    u0, s0, vh0 = rsvd(a, 10, tol=1e-3, normalizer=normalizer, seed=0)
+    assert s0.numel() == 5
+    u, s, vh = rsvd(a * 2.0**exponent, 10, tol=1e-3, normalizer=normalizer, seed=0)
+    assert s.numel() == 5
+    assert torch.allclose(s.double() * 2.0**-exponent, s0.double(), rtol=1e-6, atol=0)
+    assert torch.allclose(u, u0, atol=1e-6) and torch.allclose(vh, vh0, atol=1e-6)
+
+
+@pytest.mark.parametrize("exponent", [-100, 100])
+def test_unnormalised_power_iterations_are_scale_invariant(exponent):
+    """normalizer="none" in fixed-rank mode: A (A^T A)^q Omega would underflow or overflow
+    float32 at these magnitudes; the triplets are as accurate as the unscaled matrix's."""
+    a = matrix_with_spectrum(torch.tensor([5.0, 4, 3, 2, 1]), 200, 120, dtype=torch.float32)
+    _, s0, _ = rsvd(a, 5, normalizer="none", seed=0)
+    scaled = a * 2.0**exponent
+    u, s, vh = rsvd(scaled, 5, normalizer="none", seed=0)
+    assert torch.allclose(s.double() * 2.0**-exponent, s0.double(), rtol=1e-5, atol=0)
+    assert error(scaled, u, s, vh) <= 1e-4 * float(scaled.double().norm())
+
+
 def test_warm_start_tracks_a_subspace():
     a = matrix_with_spectrum(SPECTRA["fast"](60), 80, 60)
     u0, _, _ = rsvd(a, 6, seed=0)

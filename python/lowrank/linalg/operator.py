@@ -38,11 +38,14 @@ class LinearOperator(Protocol):
 class Operator:
     """The internal form of every input: batch shape, ``m x n``, products and norms."""
 
-    def __init__(self, batch, m, n, dtype, device, matmat, rmatmat, dense=None, fro_sq=None):
+    def __init__(self, batch, m, n, dtype, device, matmat, rmatmat, dense=None, fro_sq=None,
+                 scale_exponent=0):  # fmt: skip
         self.batch, self.m, self.n = tuple(batch), m, n
         self.dtype, self.device = dtype, device
         self.matmat, self.rmatmat = matmat, rmatmat
-        self.dense = dense  # the (..., m, n) tensor when there is one, for row sketches
+        # the (..., m, n) tensor when there is one, for row sketches: the operator is
+        # 2^scale_exponent times it
+        self.dense, self.scale_exponent = dense, scale_exponent
         self._fro_sq = fro_sq
 
     def frobenius_sq(self) -> torch.Tensor | None:
@@ -52,7 +55,7 @@ class Operator:
     def transposed(self) -> Operator:
         dense = None if self.dense is None else self.dense.mT
         return Operator(self.batch, self.n, self.m, self.dtype, self.device, self.rmatmat,
-                        self.matmat, dense, self._fro_sq)  # fmt: skip
+                        self.matmat, dense, self._fro_sq, self.scale_exponent)  # fmt: skip
 
 
 def dense_operator(a: torch.Tensor, compute_dtype: torch.dtype) -> Operator:

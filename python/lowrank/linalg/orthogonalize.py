@@ -12,7 +12,9 @@
 - ``qr``: Householder QR.
 - ``lu``: the unit-lower-trapezoidal ``P L`` factor of a pivoted LU (well-conditioned,
   not orthonormal: only between power iterations, as scikit-learn does).
-- ``none``: no normalisation between power iterations.
+- ``none``: no normalisation between power iterations, only a scaling by a power of two
+  (exact: the same result as none at all wherever that one neither overflows nor
+  underflows, and the same result for ``2^j A`` as for ``A`` at every magnitude).
 """
 
 from __future__ import annotations
@@ -109,10 +111,29 @@ def cholqr(y: torch.Tensor) -> torch.Tensor:
     return householder_qr(y) if q is None else q
 
 
+def times_power_of_two(y: torch.Tensor, exponent) -> torch.Tensor:
+    """``y * 2**exponent`` (an int, or an integer tensor broadcast against ``y``), in two
+    factors so that neither leaves float32's range: exact unless the result does."""
+    half = exponent // 2
+    if isinstance(exponent, int):
+        return y * 2.0**half * 2.0 ** (exponent - half)
+    return y * torch.exp2(half.to(y.dtype)) * torch.exp2((exponent - half).to(y.dtype))
+
+
+def rescale(y: torch.Tensor) -> torch.Tensor:
+    """``y`` (``..., m x l``) times the power of two that brings each matrix's largest entry
+    into ``[0.5, 1)`` (a zero matrix stays zero): products with ``A`` in power iterations then
+    neither overflow nor underflow, whatever ``A``'s magnitude, and nothing else changes."""
+    if y.numel() == 0:
+        return y
+    _, exponent = torch.frexp(y.abs().amax(dim=(-2, -1), keepdim=True))
+    return times_power_of_two(y, -exponent)
+
+
 def normalize(y: torch.Tensor, normalizer: str) -> torch.Tensor:
     """The between-iterations normalisation named by ``normalizer`` (never "auto")."""
     if normalizer == "none":
-        return y
+        return rescale(y)
     if normalizer == "lu":
         return lu_normalize(y)
     if normalizer == "qr":

@@ -20,6 +20,7 @@ Martinsson & Voronin 2016) until ``||A - Q B||_F <= tol ||A||_F``, tracked as
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -28,7 +29,12 @@ import torch
 from lowrank import _validate as check
 from lowrank.linalg import sketching
 from lowrank.linalg.operator import Operator, as_operator, check_finite_product
-from lowrank.linalg.orthogonalize import NORMALIZERS, normalize, orthonormal
+from lowrank.linalg.orthogonalize import (
+    NORMALIZERS,
+    normalize,
+    orthonormal,
+    times_power_of_two,
+)
 from lowrank.linalg.out_of_core import RowPanels, streamed_range
 
 
@@ -197,6 +203,10 @@ def _out_of_core(a, rank, oversample, n_iter, normalizer, sketch, tol, init, see
 
 
 def _fixed_accuracy(op: Operator, block, tol, max_rank, n_iter, normalizer, sketch, seed):
+    """Blocked randQB on ``A / 2^e``, ``2^e`` the power of two nearest ``||A||_F``: the
+    products of products in the power iterations and the residual's energy then stay in
+    range at every magnitude of ``A``, and the result is exactly the one for ``A`` (scaled
+    back by ``2^e``), as the fixed-rank mode's is."""
     if op.batch:
         raise ValueError("tol= (fixed-accuracy mode) takes a single matrix, not a batch")
     max_rank = min(op.m, op.n) if max_rank is None else min(max_rank, op.m, op.n)
@@ -209,6 +219,11 @@ def _fixed_accuracy(op: Operator, block, tol, max_rank, n_iter, normalizer, sket
         probes = op.matmat(omega)
         check_finite_product(probes)
         norm_sq = probes.double().square().sum() / NORM_PROBES
+    _, exponent = math.frexp(math.sqrt(float(norm_sq)))  # 0 for a zero, NaN or Inf norm
+    if exponent:
+        op = _scaled(op, -exponent)
+        norm_sq = norm_sq * 4.0**-exponent
+        probes = None if probes is None else times_power_of_two(probes, -exponent)
     target = tol * tol * norm_sq
     q = torch.zeros(op.m, 0, dtype=op.dtype, device=op.device)
     bt = torch.zeros(op.n, 0, dtype=op.dtype, device=op.device)
@@ -239,7 +254,21 @@ def _fixed_accuracy(op: Operator, block, tol, max_rank, n_iter, normalizer, sket
         tail = norm_sq - torch.cumsum(captured, 0)
     met = torch.nonzero(tail <= target)
     k = int(met[0]) + 1 if met.numel() else s.shape[0]
-    return u[:, :k], s[:k], w.mT[:k]
+    return u[:, :k], times_power_of_two(s[:k], exponent), w.mT[:k]
+
+
+def _scaled(op: Operator, exponent: int) -> Operator:
+    """``2^exponent A``: every product (and sketch) of ``op`` times ``2^exponent``, applied
+    after the product so that it is exact."""
+
+    def matmat(x):
+        return times_power_of_two(op.matmat(x), exponent)
+
+    def rmatmat(y):
+        return times_power_of_two(op.rmatmat(y), exponent)
+
+    return Operator(op.batch, op.m, op.n, op.dtype, op.device, matmat, rmatmat, op.dense,
+                    scale_exponent=op.scale_exponent + exponent)  # fmt: skip
 
 
 # Gaussian probes that estimate ||A||_F and the residual in fixed-accuracy mode when the

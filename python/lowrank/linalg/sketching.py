@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from lowrank.linalg.orthogonalize import times_power_of_two
 from lowrank.ops import sketch as ops
 
 SKETCHES = ("gaussian", "rademacher", "srht", "sparse_sign")
@@ -63,7 +64,8 @@ def sketch_columns(op, l: int, kind: str, seed: int, stream: int = STREAM_TEST_M
         else:
             cols, signs = _sparse_sign_parts(op.n, l, seed, op.dtype, a.device)
             y = ops.sparse_sign_rows(rows, cols, signs, l)
-        return y.reshape(*op.batch, op.m, l)
+        y = y.reshape(*op.batch, op.m, l)
+        return times_power_of_two(y, op.scale_exponent) if op.scale_exponent else y
     omega = test_matrix(op.n, l, kind, seed, stream, op.dtype, op.device)
     return op.matmat(omega)
 
