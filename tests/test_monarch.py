@@ -132,6 +132,94 @@ def test_gradcheck_and_opcheck(impl):
                           (grad, x, w1.detach(), w2, True, True, True))  # fmt: skip
 
 
+def saved_by_autograd(y):
+    """The tensors ``y``'s backward node keeps (None where nothing is kept)."""
+    return [t for t in y.grad_fn.saved_tensors if t is not None]
+
+
+@pytest.mark.parametrize("batch", [(7,), (2, 3), (0,)])
+def test_composite_training_keeps_h_no_larger_than_x(batch):
+    """With the composite path, a forward whose w2 needs a gradient keeps h when it is no
+    larger than x (q <= p) and backward reads it instead of recomputing it: gradients
+    equal the definition's either way."""
+    from lowrank.ops.monarch import keeps_intermediate
+
+    for shape, kept in [((3, 4, 5, 6, 2, 2), True), ((3, 5, 5, 5, 4, 3), True),
+                        ((3, 6, 5, 6, 2, 3), False)]:  # fmt: skip
+        x, w1, w2 = make(batch, shape, torch.float64, "cpu")
+        for t in (x, w1, w2):
+            t.requires_grad_()
+        grad = torch.randn(*batch, shape[3] * shape[4], dtype=torch.float64)
+        with dispatch.force("composite"):
+            assert keeps_intermediate(x, w1, w2) == kept
+            y = monarch_matmul(x, w1, w2)
+            saved = saved_by_autograd(y)
+            assert len(saved) == (4 if kept else 3)
+            if kept:
+                assert saved[3].shape == (*batch, shape[0] * shape[1])
+            y.backward(grad)
+        refs = monarch_matmul_backward_reference(grad, x.detach(), w1.detach(), w2.detach(),
+                                                 True, True, True)  # fmt: skip
+        for t, ref in zip((x, w1, w2), refs):
+            assert relative_error(t.grad, ref) <= 1e-12
+
+
+def test_h_kept_only_for_the_composite_and_the_w2_gradient():
+    x, w1, w2 = make((9,), (4, 4, 4, 4, 4, 4), torch.float32, "cpu")
+    with dispatch.force("native"):
+        assert len(saved_by_autograd(monarch_matmul(x, w1, w2.requires_grad_()))) == 3
+    w2.requires_grad_(False)
+    with dispatch.force("composite"):
+        assert len(saved_by_autograd(monarch_matmul(x, w1.requires_grad_(), w2))) == 3
+        assert len(saved_by_autograd(monarch_matmul(x.requires_grad_(), w1, w2))) == 3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_with_h_in_any_layout(impl):
+    """The backward op reads h in the layout the training forward writes (tokens innermost)
+    or any other (a copy), and every implementation gives the definition's gradients."""
+    x, w1, w2 = make((3, 5), (3, 4, 4, 6, 3, 2), torch.float64, "cpu")
+    grad = torch.randn(3, 5, 18, dtype=torch.float64)
+    y, h = torch.ops.lowrank.monarch_matmul_with_h(x, w1, w2)
+    assert relative_error(y, monarch_matmul_reference(x, w1, w2)) <= 1e-14
+    assert h.stride()[-1] == 15  # the tokens innermost
+    refs = monarch_matmul_backward_reference(grad, x, w1, w2, True, True, True)
+    for layout in (h, h.contiguous()):
+        with dispatch.force(impl):
+            got = torch.ops.lowrank.monarch_matmul_backward(grad, x, w1, w2, True, True, True,
+                                                            layout)  # fmt: skip
+        for g, ref in zip(got, refs):
+            assert relative_error(g, ref) <= 1e-12
+
+
+def test_h_ops_opcheck_and_bad_h():
+    x, w1, w2 = make((2, 5), (3, 4, 2, 2, 3, 6), torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.lowrank.monarch_matmul_with_h.default, (x, w1, w2))
+    _, h = torch.ops.lowrank.monarch_matmul_with_h(x, w1, w2)
+    grad = torch.randn(2, 5, 6)
+    torch.library.opcheck(torch.ops.lowrank.monarch_matmul_backward.default,
+                          (grad, x, w1, w2, True, True, True, h))  # fmt: skip
+    backward = torch.ops.lowrank.monarch_matmul_backward
+    with pytest.raises(ValueError, match=r"h must have shape \(2, 5, 12\)"):
+        backward(grad, x, w1, w2, True, True, True, h[:1])
+    with pytest.raises(TypeError, match="h"):
+        backward(grad, x, w1, w2, True, True, True, h.double())
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.ops.lowrank.monarch_matmul_with_h(x, w1.requires_grad_(), w2)[0].sum().backward()
+
+
+def test_compile_fullgraph_with_composite_training():
+    """While tracing, h is not kept (the traced graph calls the dispatched forward)."""
+    x, w1, w2 = make((6,), (4, 4, 4, 4, 4, 4), torch.float32, "cpu")
+    w1.requires_grad_(), w2.requires_grad_()
+    with dispatch.force("composite"):
+        compiled = torch.compile(monarch_matmul, fullgraph=True, backend="aot_eager")
+        compiled(x, w1, w2).sum().backward()
+    refs = monarch_matmul_backward_reference(torch.ones(6, 16), x, w1.detach(), w2.detach(),
+                                             False, True, True)  # fmt: skip
+    assert relative_error(w1.grad, refs[1]) <= 1e-5 and relative_error(w2.grad, refs[2]) <= 1e-5
+
+
 @pytest.mark.parametrize(
     "args, error, match",
     [

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lowrank import dispatch
 from lowrank.nn import SLTrainLinear
 from lowrank.ops import sltrain_matmul, sltrain_matmul_reference
-from lowrank.ops.sltrain import choose_path, sampled_dot, sltrain_rebuild, sparse_matmul
+from lowrank.ops.sltrain import PATHS, choose_path, sampled_dot, sltrain_rebuild, sparse_matmul
 
 
 def problem(out, inp, rank, nnz, batch, dtype=torch.float64, device="cpu", index=torch.int32):
@@ -113,6 +113,74 @@ def test_opcheck_and_gradcheck():
                     lambda x, b, a, v, bias, p=path: sltrain_matmul(x, b, a, v, idx, 0.5, bias, p),
                     leaves,
                 )
+
+
+def kept_weight(y):
+    """The rebuilt W ``y``'s backward node keeps, or None (x, B, A, values, indices, W)."""
+    return y.grad_fn.saved_tensors[5]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_training_keeps_w_no_larger_than_x(impl):
+    """The rebuild path's training forward keeps W for dx when it is no larger than x
+    (out <= tokens) and backward reads it instead of rebuilding; the factored path, a
+    larger W or an x without gradient keep nothing. Gradients equal the definition's."""
+    from lowrank.ops.sltrain import keeps_weight
+
+    cases = [
+        ((2, 5), "rebuild", True, True),
+        ((2, 5), "auto", True, None),  # the measured path decides
+        ((2, 3), "rebuild", True, False),  # W (8 x 6) larger than x (6 x 6)
+        ((2, 5), "factored", True, False),
+        ((2, 5), "rebuild", False, False),  # no dx: W is not needed
+    ]
+    for batch, path, x_grad, kept in cases:
+        x, b, a, values, idx, bias = problem(8, 6, 2, 10, batch)
+        leaves = [x.requires_grad_(x_grad), *(t.requires_grad_() for t in (b, a, values, bias))]
+        with dispatch.force(impl):
+            y = sltrain_matmul(x, b, a, values, idx, 0.75, bias, path=path)
+            if kept is None:
+                kept = keeps_weight(x, b, a, values, idx, 0.75, bias, PATHS[path])
+            w = kept_weight(y)
+            assert (w is not None) == kept
+            if kept:
+                assert relative_error(w, sltrain_rebuild(b, a, values, idx, 0.75)) <= 1e-14
+            grad = torch.randn_like(y)
+            y.backward(grad)
+        ref_leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+        dense_definition(*ref_leaves[:4], idx, 0.75, ref_leaves[4]).backward(grad)
+        for got, want in zip(leaves, ref_leaves):
+            assert (got.grad is None) == (want.grad is None)
+            assert got.grad is None or relative_error(got.grad, want.grad) <= 1e-12
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("path", [1, 2])
+def test_backward_with_w(impl, path):
+    """Given the kept W, every implementation of the backward op gives the definition's
+    gradients; opcheck of the training forward and of the backward with W; a W that does
+    not fit is named."""
+    x, b, a, values, idx, bias = problem(6, 5, 2, 7, (3, 3))
+    y, w = torch.ops.lowrank.sltrain_matmul_with_w(x, b, a, values, idx, 0.5, bias)
+    assert relative_error(y, dense_definition(x, b, a, values, idx, 0.5, bias)) <= 1e-14
+    assert relative_error(w, sltrain_rebuild(b, a, values, idx, 0.5)) <= 1e-14
+    grad = torch.randn(3, 3, 6, dtype=torch.float64)
+    backward = torch.ops.lowrank.sltrain_matmul_backward
+    with dispatch.force(impl):
+        got = backward(grad, x, b, a, values, idx, 0.5, path, True, True, True, True, w)
+        want = backward(grad, x, b, a, values, idx, 0.5, path, True, True, True, True)
+    leaves = [t.clone().requires_grad_() for t in (x, b, a, values)]
+    dense_definition(*leaves, idx, 0.5, None).backward(grad)
+    for g, g_rebuilt, leaf in zip(got, want, leaves):
+        assert relative_error(g, leaf.grad) <= 1e-12 and relative_error(g, g_rebuilt) <= 1e-12
+    op_args = (x.float(), b.float(), a.float(), values.float(), idx, 0.5, bias.float())
+    torch.library.opcheck(torch.ops.lowrank.sltrain_matmul_with_w.default, op_args)
+    torch.library.opcheck(backward.default, (grad.float(), *op_args[:-1], path, True, True, True,
+                                             True, w.float()))  # fmt: skip
+    with pytest.raises(ValueError, match=r"w must have shape \(6, 5\)"):
+        backward(grad, x, b, a, values, idx, 0.5, path, True, True, True, True, w.T)
+    with pytest.raises(TypeError, match="w"):
+        backward(grad, x, b, a, values, idx, 0.5, path, True, True, True, True, w.float())
 
 
 @pytest.mark.parametrize(

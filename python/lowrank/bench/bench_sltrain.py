@@ -4,7 +4,9 @@ The reference is written from the paper's description: int64 flat indices,
 ``W = s B A`` plus ``scatter_add`` of the values, rebuilt again in backward, and
 the dense gradient ``dy^T x`` formed for ``dB``, ``dA`` and the values. Rows give
 forward+backward time (all of x, B, A, values and bias need gradients), peak
-device memory (CUDA only) and the bytes of parameters plus indices.
+device memory (CUDA only), the bytes of parameters plus indices and what autograd keeps
+for backward beyond them and the input (lowrank keeps the rebuilt ``W`` on the rebuild
+path when it is no larger than ``x``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lowrank.bench.harness import (
     auto_choices,
     dispatch_mark,
     peak_bytes,
+    saved_bytes,
     time_ms_many,
     under,
 )
@@ -81,10 +84,12 @@ def measure(device, n, tokens, dtype):
     mark = dispatch_mark()
     ms = time_ms_many(steps, device)
     chose = auto_choices(mark)
+    kept = (x, indices64, *layer.parameters(), *layer.buffers(), *dense.parameters())
     results = []
-    for impl, (_, bytes_) in impls.items():
+    for impl, (fn, bytes_) in impls.items():
         peak = peak_bytes(lambda step=steps[impl]: step(0), device)
-        extra = {"param_index_MiB": bytes_ / 2**20,
+        saved = saved_bytes(under(LOWRANK_VARIANTS.get(impl), fn), kept)
+        extra = {"param_index_MiB": bytes_ / 2**20, "saved_MiB": saved / 2**20,
                  "peak_MiB": None if peak is None else peak / 2**20}  # fmt: skip
         if impl == "lowrank":
             extra["auto_chose"] = chose

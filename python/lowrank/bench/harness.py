@@ -235,6 +235,25 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> int | None:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def saved_bytes(fn: Callable[[], Any], kept: tuple[torch.Tensor, ...] = ()) -> int:
+    """Bytes autograd saves for backward while ``fn()`` runs its forward, counting each
+    storage once and leaving out those of ``kept`` (inputs and weights, alive anyway)."""
+    seen = {t.untyped_storage().data_ptr() for t in kept}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
 def measure_bandwidth_gbs(device: torch.device | str) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     device = torch.device(device)

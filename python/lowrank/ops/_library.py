@@ -222,6 +222,15 @@ def run_below(op: torch._ops.OpOverload, *args):
     return out if out._base is None else out.clone()
 
 
+def tracing(t: torch.Tensor) -> bool:
+    """True while ``t`` stands for a value being traced rather than computed
+    (``torch.compile``, ``torch.export``, ``opcheck``: fake, functional or meta tensors, sizes
+    that may be symbolic), so nothing can be measured on it."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or t.is_meta or is_fake(t)
+
+
 def below_autograd():
     """Context in which an op call skips the autograd kernel (inside ``Function.forward``)."""
     return torch._C._AutoDispatchBelowAutograd()

@@ -14,7 +14,11 @@ of ``n * l*s``. Checkpoints of the original ``blockdiag_butterfly_multiply`` loa
 unchanged.
 
 The native kernels fuse both block products and both permutations and never
-store ``h``: backward recomputes it, so only ``x`` and the weights are saved.
+store ``h``: their backward recomputes it, so only ``x`` and the weights are saved. The
+composite path's first GEMM writes ``h`` to memory anyway; when autograd needs it (``w2``
+requires a gradient) and it is no larger than ``x`` (``q <= p``, so at most doubling what
+autograd keeps for the product), training keeps it for backward instead of paying a GEMM
+to recompute it (:func:`keeps_intermediate`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
+    below_autograd,
     call,
     define,
     multilinear_jvp,
@@ -35,13 +40,16 @@ from lowrank.ops._library import (
     register_kernel,
     register_not_differentiable,
     run_below,
+    tracing,
 )
 
 _FORWARD = define("monarch_matmul(Tensor x, Tensor w1, Tensor w2) -> Tensor")
 _BACKWARD = define(
     "monarch_matmul_backward(Tensor grad, Tensor x, Tensor w1, Tensor w2, bool need_x, "
-    "bool need_w1, bool need_w2) -> (Tensor, Tensor, Tensor)"
+    "bool need_w1, bool need_w2, Tensor? h=None) -> (Tensor, Tensor, Tensor)"
 )
+# The product and the intermediate h (for backward), by the composite path.
+_WITH_H = define("monarch_matmul_with_h(Tensor x, Tensor w1, Tensor w2) -> (Tensor, Tensor)")
 
 
 def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -70,8 +78,9 @@ def monarch_matmul_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
     return y.reshape(*batch, s * l)
 
 
-def monarch_matmul_backward_reference(grad, x, w1, w2, need_x, need_w1, need_w2):
-    """Pure-PyTorch gradients of :func:`monarch_matmul`; unneeded ones come back empty."""
+def monarch_matmul_backward_reference(grad, x, w1, w2, need_x, need_w1, need_w2, h=None):
+    """Pure-PyTorch gradients of :func:`monarch_matmul`; unneeded ones come back empty.
+    ``h`` (the forward's intermediate, which the op may reuse) is recomputed here."""
     k, q, p, l, s, r = _check(x, w1, w2)
     tokens = math.prod(x.shape[:-1])
     rows = x.reshape(tokens, k, p)
@@ -156,19 +165,45 @@ def _key(x, k, q, p, l, s, r):
 # the original two-bmm code copies twice and keeps h alive for backward.
 
 
-def _composite_forward(x, w1, w2):
-    (k, _, p), (l, s, r) = w1.shape, w2.shape
+def new_intermediate(x: torch.Tensor, k: int, q: int) -> torch.Tensor:
+    """An uninitialised ``h`` for ``x``'s tokens: shape ``(..., k*q)`` like ``x``, stored with
+    the tokens innermost (``h^T`` contiguous), the layout in which the composite path's
+    GEMMs write it and read it back."""
+    batch = x.shape[:-1]
+    strides, step = [], 1
+    for size in reversed(batch):
+        strides.append(step)
+        step *= max(size, 1)
+    return x.new_empty_strided((*batch, k * q), (*reversed(strides), step))
+
+
+def _transposed_intermediate(h: torch.Tensor, k: int, q: int, tokens: int) -> torch.Tensor:
+    """``h^T`` as ``(k, q, tokens)``: a view of :func:`new_intermediate`'s layout, a copy of
+    any other."""
+    return h.reshape(tokens, k * q).t().reshape(k, q, tokens)
+
+
+def _composite_with_h(x, w1, w2):
+    """``(y, h)``: two strided-batched GEMMs, ``h`` left in :func:`new_intermediate`'s
+    layout."""
+    (k, q, p), (l, s, r) = w1.shape, w2.shape
     batch = x.shape[:-1]
     tokens = math.prod(batch)
-    ht = torch.bmm(w1, x.reshape(tokens, k, p).permute(1, 2, 0))  # (k, q, T) = h^T
+    h = new_intermediate(x, k, q)
+    ht = _transposed_intermediate(h, k, q, tokens)  # (k, q, T), a view of h
+    torch.bmm(w1, x.reshape(tokens, k, p).permute(1, 2, 0), out=ht)
     y = x.new_empty((tokens, l, s))
     torch.bmm(ht.view(r, l, tokens).permute(1, 2, 0), w2.transpose(1, 2), out=y.transpose(0, 1))
     result = x.new_empty((*batch, s * l))  # a fresh tensor (no view) in the output's shape
     result.view(tokens, s, l).copy_(y.transpose(1, 2))
-    return result
+    return result, h
 
 
-def _composite_backward(grad, x, w1, w2, need_x, need_w1, need_w2):
+def _composite_forward(x, w1, w2):
+    return _composite_with_h(x, w1, w2)[0]
+
+
+def _composite_backward(grad, x, w1, w2, need_x, need_w1, need_w2, h=None):
     (k, q, p), (l, s, r) = w1.shape, w2.shape
     tokens = math.prod(x.shape[:-1])
     rows = x.reshape(tokens, k, p)
@@ -176,9 +211,12 @@ def _composite_backward(grad, x, w1, w2, need_x, need_w1, need_w2):
     # dy regrouped by output block: (T, l, s), read as (l, s, T).
     gt = grad.reshape(tokens, s, l).transpose(1, 2).contiguous().permute(1, 2, 0)
     dw2 = empty
-    if need_w2:  # h recomputed, never saved
-        ht = torch.bmm(w1, rows.permute(1, 2, 0))  # (k, q, T)
-        dw2 = torch.bmm(gt, ht.view(r, l, tokens).permute(1, 2, 0))  # (l, s, T) @ (l, T, r)
+    if need_w2:  # h as the forward kept it, else recomputed
+        if h is None:
+            ht = torch.bmm(w1, rows.permute(1, 2, 0))  # (k, q, T)
+        else:
+            ht = _transposed_intermediate(h, k, q, tokens)
+        dw2 = torch.bmm(gt, ht.reshape(r, l, tokens).permute(1, 2, 0))  # (l, s, T) @ (l, T, r)
     if not (need_x or need_w1):
         return empty, empty, dw2
     dht = grad.new_empty((r, l, tokens))  # dh^T in h^T's layout (k*q, T)
@@ -223,7 +261,8 @@ def _native_forward(x, w1, w2):
     return y
 
 
-def _native_backward(grad, x, w1, w2, need_x, need_w1, need_w2):
+def _native_backward(grad, x, w1, w2, need_x, need_w1, need_w2, h=None):
+    """The fused kernel recomputes ``h`` on chip; a kept ``h`` is not read."""
     if _native.upcast_on_cpu(x):
         outs = _native_backward(grad.float(), x.float(), w1.float(), w2.float(), need_x, need_w1,
                                 need_w2)  # fmt: skip
@@ -283,7 +322,7 @@ def _tc_forward(x, w1, w2):
     return _tc_product(x, w1, w2, transposed=False)
 
 
-def _tc_backward_applies(grad, x, w1, w2, need_x, need_w1, need_w2) -> bool:
+def _tc_backward_applies(grad, x, w1, w2, need_x, need_w1, need_w2, h=None) -> bool:
     """Only ``dx`` (frozen weights): with weight gradients, the composite's reductions over
     tokens run at the GEMM peak and leave ``dh`` in memory, from which ``dx`` costs the same
     bytes as the fused transpose (cuda/monarch_kernels.cuh)."""
@@ -294,7 +333,7 @@ def _tc_backward_unavailable(grad, x, w1, w2, *needs):
     return _tc_unavailable(x, w1, w2, transposed=True)
 
 
-def _tc_backward(grad, x, w1, w2, need_x, need_w1, need_w2):
+def _tc_backward(grad, x, w1, w2, need_x, need_w1, need_w2, h=None):
     empty = x.new_empty(0)
     return _tc_product(grad, w1, w2, transposed=True).view(x.shape), empty, empty
 
@@ -310,7 +349,25 @@ _backward_dispatch = dispatch.Dispatcher("monarch_matmul_backward", (
     dispatch.Impl("tensor-core", dispatch.NATIVE, _tc_backward, _tc_backward_unavailable,
                   applies=_tc_backward_applies),
     dispatch.Impl("composite", dispatch.COMPOSITE, _composite_backward),
-), lambda grad, x, w1, *args: _static(x, w1), (0, 1))  # fmt: skip
+), lambda grad, x, w1, *args: _static(x, w1), (0, 1, 7))  # fmt: skip
+
+
+def keeps_intermediate(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether a training forward keeps ``h`` for the gradient of ``w2`` (the only one that
+    reads it) rather than having backward recompute it.
+
+    Memory rule: ``h`` is kept only when it is no larger than ``x`` (``q <= p``), so keeping
+    it at most doubles what autograd holds for the product. Speed: only the composite path
+    writes ``h`` to memory (the native kernels keep it on chip), so it is kept only when the
+    forward's dispatch runs the composite for these sizes (measuring now if it has not yet).
+    While tracing, ``h`` is not kept: the traced graph calls the dispatched forward, whose
+    choice is made when it runs.
+    """
+    k, q, p = w1.shape
+    if tracing(x) or q > p:
+        return False
+    key = _key(x, k, q, p, *w2.shape)
+    return _forward_dispatch.choose(key, x, x, w1, w2).kind == dispatch.COMPOSITE
 
 
 def _forward_kernel(x, w1, w2):
@@ -318,15 +375,33 @@ def _forward_kernel(x, w1, w2):
     return _forward_dispatch(_key(x, *dims), x, x, w1, w2)
 
 
-def _backward_kernel(grad, x, w1, w2, need_x, need_w1, need_w2):
+def _with_h_kernel(x, w1, w2):
+    _check(x, w1, w2)
+    return _composite_with_h(x, w1, w2)
+
+
+def _backward_kernel(grad, x, w1, w2, need_x, need_w1, need_w2, h=None):
     dims = _check(x, w1, w2)
     _check_grad(grad, x, dims[3], dims[4])
-    key = (*_key(x, *dims), need_x, need_w1, need_w2)
-    return _backward_dispatch(key, x, grad, x, w1, w2, need_x, need_w1, need_w2)
+    if h is not None:
+        _check_h(h, x, dims[0] * dims[1])
+    key = (*_key(x, *dims), need_x, need_w1, need_w2, h is not None)
+    return _backward_dispatch(key, x, grad, x, w1, w2, need_x, need_w1, need_w2, h)
+
+
+def _check_h(h, x, kq):
+    expected = (*x.shape[:-1], kq)
+    check.tensor("h", h)
+    if not (h.dtype == x.dtype and h.device == x.device and tuple(h.shape) == expected):
+        check.floating("h", h)
+        check.same_dtype(h=h, x=x)
+        check.same_device(h=h, x=x)
+        raise ValueError(f"h must have shape {expected} (x's tokens, k*q), got {tuple(h.shape)}")
 
 
 for _device in ("cpu", "cuda"):
     register_kernel(_FORWARD, _device)(_forward_kernel)
+    register_kernel(_WITH_H, _device)(_with_h_kernel)
     register_kernel(_BACKWARD, _device)(_backward_kernel)
 
 
@@ -336,10 +411,18 @@ def _forward_fake(x, w1, w2):
     return x.new_empty((*x.shape[:-1], l * s))
 
 
+@register_fake(_WITH_H)
+def _with_h_fake(x, w1, w2):
+    k, q, _, l, s, _ = _check(x, w1, w2)
+    return x.new_empty((*x.shape[:-1], l * s)), new_intermediate(x, k, q)
+
+
 @register_fake(_BACKWARD)
-def _backward_fake(grad, x, w1, w2, need_x, need_w1, need_w2):
-    _, _, _, l, s, _ = _check(x, w1, w2)
+def _backward_fake(grad, x, w1, w2, need_x, need_w1, need_w2, h=None):
+    k, q, _, l, s, _ = _check(x, w1, w2)
     _check_grad(grad, x, l, s)
+    if h is not None:
+        _check_h(h, x, k * q)
     empty = x.new_empty(0)
     return (
         x.new_empty(x.shape) if need_x else empty,
@@ -351,19 +434,25 @@ def _backward_fake(grad, x, w1, w2, need_x, need_w1, need_w2):
 class _MonarchMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2):
-        y = run_below(_FORWARD, x, w1, w2)
-        ctx.save_for_backward(x, w1, w2)  # the intermediate is recomputed, never saved
+        h = None
+        if ctx.needs_input_grad[2] and keeps_intermediate(x, w1, w2):
+            with below_autograd():
+                y, h = _WITH_H(x, w1, w2)
+        else:
+            y = run_below(_FORWARD, x, w1, w2)
+        ctx.save_for_backward(x, w1, w2, h)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, w1, w2 = ctx.saved_tensors
+        x, w1, w2, h = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw1, dw2 = _BACKWARD(grad, x, w1, w2, *need)
+        dx, dw1, dw2 = _BACKWARD(grad, x, w1, w2, *need, h)
         return (dx if need[0] else None, dw1 if need[1] else None, dw2 if need[2] else None)
 
 
 register_autograd(_FORWARD, _MonarchMatmul, multilinear_jvp(_FORWARD, (0, 1, 2)))
 register_not_differentiable(_BACKWARD, "double backward through monarch_matmul is not supported")
+register_not_differentiable(_WITH_H, "it is monarch_matmul's training forward; use monarch_matmul")
 register_autocast(_FORWARD)

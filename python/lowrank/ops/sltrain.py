@@ -9,10 +9,12 @@ Two paths, each with a native and a composite implementation; ``lowrank.dispatch
 measures which of the four runs (``path="rebuild"`` or ``"factored"`` restricts it):
 
 - rebuild (training-size token counts): ``W`` is built (natively in one fused pass,
-  or by the GEMM library and a native in-place scatter of ``S``), used for one GEMM
-  and freed; backward rebuilds it rather than keeping it alive, forms the dense
-  gradient ``G = dy^T x`` once and reads ``dB = s G A^T``, ``dA = s B^T G`` and
-  ``dvalues = G[indices]`` from it.
+  or by the GEMM library and a native in-place scatter of ``S``) and used for one GEMM;
+  backward forms the dense gradient ``G = dy^T x`` once and reads ``dB = s G A^T``,
+  ``dA = s B^T G`` and ``dvalues = G[indices]`` from it. ``dx = dy W`` needs ``W``
+  again: a training forward keeps it when it is no larger than ``x`` (``out <= tokens``,
+  so at most doubling what autograd holds for the product), else it is freed and
+  backward rebuilds it (:func:`keeps_weight`).
 - factored (small token counts, decoding): ``s (x A^T) B^T + x S^T`` with a native
   sparse kernel or torch's CSR product, never forming ``W``; backward gives
   ``dvalues`` by a sampled dense-dense product (:func:`sampled_dot`), never forming ``G``.
@@ -31,6 +33,7 @@ import torch
 from lowrank import _native, dispatch
 from lowrank import _validate as check
 from lowrank.ops._library import (
+    below_autograd,
     call,
     define,
     multilinear_jvp,
@@ -40,6 +43,7 @@ from lowrank.ops._library import (
     register_kernel,
     register_not_differentiable,
     run_below,
+    tracing,
 )
 
 PATHS = {"auto": 0, "rebuild": 1, "factored": 2}
@@ -55,7 +59,12 @@ _FORWARD = define(
 _BACKWARD = define(
     "sltrain_matmul_backward(Tensor grad, Tensor x, Tensor B, Tensor A, Tensor values, "
     "Tensor indices, float scale, int path, bool need_x, bool need_B, bool need_A, "
-    "bool need_values) -> (Tensor, Tensor, Tensor, Tensor)"
+    "bool need_values, Tensor? w=None) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+# The product and the rebuilt W (for backward), by the rebuild path.
+_WITH_W = define(
+    "sltrain_matmul_with_w(Tensor x, Tensor B, Tensor A, Tensor values, Tensor indices, "
+    "float scale, Tensor? bias=None) -> (Tensor, Tensor)"
 )
 _REBUILD = define(
     "sltrain_rebuild(Tensor B, Tensor A, Tensor values, Tensor indices, float scale) -> Tensor"
@@ -358,12 +367,14 @@ def _native_unavailable(x, *args):
 # result), so the op returns a fresh tensor and never a view of an intermediate.
 
 
-def _forward_rebuild(rebuild):
+def _forward_rebuild(rebuild, with_w=False):
     def run(rows, B, A, values, indices, scale, bias, out):
         w = rebuild(B, A, values, indices, scale)
         if bias is None:
-            return torch.mm(rows, w.T, out=out)
-        return torch.addmm(bias, rows, w.T, out=out)
+            torch.mm(rows, w.T, out=out)
+        else:
+            torch.addmm(bias, rows, w.T, out=out)
+        return (out, w) if with_w else out
 
     return run
 
@@ -378,9 +389,11 @@ def _forward_factored(sparse):
 
 
 def _backward_rebuild(rebuild):
-    def run(g, rows, B, A, values, indices, scale, need_x, need_b, need_a, need_v):
+    def run(g, rows, B, A, values, indices, scale, need_x, need_b, need_a, need_v, w=None):
         empty = rows.new_empty(0)
-        dx = g @ rebuild(B, A, values, indices, scale) if need_x else empty  # W used once
+        dx = empty
+        if need_x:  # W as the forward kept it, else rebuilt and used once
+            dx = g @ (rebuild(B, A, values, indices, scale) if w is None else w)
         db = da = dv = empty
         if need_b or need_a or need_v:
             dense = g.T @ rows  # the dense gradient, formed once
@@ -393,7 +406,7 @@ def _backward_rebuild(rebuild):
 
 
 def _backward_factored(sparse, sampled):
-    def run(g, rows, B, A, values, indices, scale, need_x, need_b, need_a, need_v):
+    def run(g, rows, B, A, values, indices, scale, need_x, need_b, need_a, need_v, w=None):
         empty = rows.new_empty(0)
         out, inp = B.shape[0], A.shape[1]
         gb = g @ B if (need_x or need_a) else None
@@ -428,6 +441,13 @@ _backward_dispatch = dispatch.Dispatcher("sltrain_matmul_backward", (
     dispatch.Impl("factored-composite", dispatch.COMPOSITE,
                   _backward_factored(_sparse_composite, _sampled_composite)),
 ), _static_backward, (0, 1))  # fmt: skip
+_with_w_dispatch = dispatch.Dispatcher("sltrain_matmul_with_w", (
+    dispatch.Impl("rebuild-native", dispatch.NATIVE,
+                  _forward_rebuild(_rebuild_native, with_w=True), _native_unavailable),
+    dispatch.Impl("rebuild-composite", dispatch.COMPOSITE,
+                  _forward_rebuild(_rebuild_composite, with_w=True)),
+), lambda rows, *args: f"rebuild-{dispatch.default_kind(rows)}", (0, 7),
+   out_args=(7,))  # fmt: skip
 _PATH_NAMES = {
     PATHS["rebuild"]: ("rebuild-native", "rebuild-composite"),
     PATHS["factored"]: ("factored-native", "factored-composite"),
@@ -451,30 +471,72 @@ def _key(x, tokens, out, inp, rank, nnz):
     return (x.dtype, dispatch.bucket(tokens), out, inp, rank, nnz)
 
 
-def _forward_kernel(x, B, A, values, indices, scale, bias=None, path=0):
+def _forward_call(x, B, A, values, indices, scale, bias, path):
+    """Checks the arguments; the forward dispatch's key, the result (unwritten) and the
+    arguments of an implementation."""
     out, inp, rank = _check(x, B, A, values, indices, bias)
     check_support(indices, out, inp)
     tokens = math.prod(x.shape[:-1])
     rows = x.reshape(tokens, inp)
     result = x.new_empty((*x.shape[:-1], out))
     key = (*_key(x, tokens, out, inp, rank, values.numel()), bias is not None, path)
-    _forward_dispatch(key, rows, rows, B, A, values, indices, scale, bias,
-                      result.view(tokens, out), names=_PATH_NAMES.get(path))  # fmt: skip
+    return key, result, (rows, B, A, values, indices, scale, bias, result.view(tokens, out))
+
+
+def _forward_kernel(x, B, A, values, indices, scale, bias=None, path=0):
+    key, result, args = _forward_call(x, B, A, values, indices, scale, bias, path)
+    _forward_dispatch(key, args[0], *args, names=_PATH_NAMES.get(path))
     return result
 
 
-def _backward_kernel(grad, x, B, A, values, indices, scale, path, need_x, need_b, need_a, need_v):
+def _with_w_kernel(x, B, A, values, indices, scale, bias=None):
+    key, result, args = _forward_call(x, B, A, values, indices, scale, bias, PATHS["rebuild"])
+    _, w = _with_w_dispatch(key, args[0], *args)
+    return result, w
+
+
+def keeps_weight(x, B, A, values, indices, scale, bias=None, path=0) -> bool:
+    """Whether a training forward keeps the rebuilt ``W`` for ``dx = dy W`` rather than
+    having backward rebuild it (the caller asks only when ``x`` needs a gradient).
+
+    Memory rule: ``W`` (``out x in``) is kept only when it is no larger than ``x``
+    (``out <= tokens``), so keeping it at most doubles what autograd holds for the product.
+    Speed: only the rebuild path forms ``W``, so it is kept only when the forward's dispatch
+    runs a rebuild implementation for these sizes (measuring now if it has not yet). While
+    tracing, ``W`` is not kept: the traced graph calls the dispatched forward, whose choice
+    is made when it runs.
+    """
+    if tracing(x) or path == PATHS["factored"] or B.shape[0] > math.prod(x.shape[:-1]):
+        return False
+    key, _, args = _forward_call(x, B, A, values, indices, scale, bias, path)
+    chosen = _forward_dispatch.choose(key, args[0], *args, names=_PATH_NAMES.get(path))
+    return chosen.name.startswith("rebuild")
+
+
+def _backward_kernel(grad, x, B, A, values, indices, scale, path, need_x, need_b, need_a, need_v,
+                     w=None):  # fmt: skip
     out, inp, rank = _check(x, B, A, values, indices, None)
     _check_grad(grad, x, out)
+    if w is not None:
+        _check_w(w, x, out, inp)
     check_support(indices, out, inp)
     tokens = math.prod(x.shape[:-1])
     rows, g = x.reshape(tokens, inp), grad.reshape(tokens, out)
     key = (*_key(x, rows.shape[0], out, inp, rank, values.numel()), path, need_x, need_b,
-           need_a, need_v)  # fmt: skip
+           need_a, need_v, w is not None)  # fmt: skip
     needs = (need_x, need_b, need_a, need_v)
     dx, db, da, dv = _backward_dispatch(key, rows, g, rows, B, A, values, indices, scale, *needs,
-                                        names=_PATH_NAMES.get(path))  # fmt: skip
+                                        w, names=_PATH_NAMES.get(path))  # fmt: skip
     return (dx.reshape(x.shape) if need_x else dx), db, da, dv
+
+
+def _check_w(w, x, out, inp):
+    check.tensor("w", w)
+    if not (w.dtype == x.dtype and w.device == x.device and tuple(w.shape) == (out, inp)):
+        check.floating("w", w)
+        check.same_dtype(w=w, x=x)
+        check.same_device(w=w, x=x)
+        raise ValueError(f"w must have shape {(out, inp)} (out, in), got {tuple(w.shape)}")
 
 
 def _check_grad(grad, x, out):
@@ -549,6 +611,7 @@ def _sampled_kernel(dy, x, indices):
 for _device in ("cpu", "cuda"):
     register_kernel(_FORWARD, _device)(_forward_kernel)
     register_kernel(_BACKWARD, _device)(_backward_kernel)
+    register_kernel(_WITH_W, _device)(_with_w_kernel)
     register_kernel(_REBUILD, _device)(_rebuild_kernel)
     register_kernel(_SPARSE, _device)(_sparse_kernel)
     register_kernel(_SAMPLED, _device)(_sampled_kernel)
@@ -560,10 +623,19 @@ def _forward_fake(x, B, A, values, indices, scale, bias=None, path=0):
     return x.new_empty((*x.shape[:-1], out))
 
 
+@register_fake(_WITH_W)
+def _with_w_fake(x, B, A, values, indices, scale, bias=None):
+    out, inp, _ = _check(x, B, A, values, indices, bias)
+    return x.new_empty((*x.shape[:-1], out)), x.new_empty((out, inp))
+
+
 @register_fake(_BACKWARD)
-def _backward_fake(grad, x, B, A, values, indices, scale, path, need_x, need_b, need_a, need_v):
-    out, _, _ = _check(x, B, A, values, indices, None)
+def _backward_fake(grad, x, B, A, values, indices, scale, path, need_x, need_b, need_a, need_v,
+                   w=None):  # fmt: skip
+    out, inp, _ = _check(x, B, A, values, indices, None)
     _check_grad(grad, x, out)
+    if w is not None:
+        _check_w(w, x, out, inp)
     empty = x.new_empty(0)
     return (x.new_empty(x.shape) if need_x else empty, B.new_empty(B.shape) if need_b else empty,
             A.new_empty(A.shape) if need_a else empty,
@@ -590,18 +662,23 @@ def _sampled_fake(dy, x, indices):
 class _SLTrainMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, B, A, values, indices, scale, bias=None, path=0):
-        y = run_below(_FORWARD, x, B, A, values, indices, scale, bias, path)
-        ctx.save_for_backward(x, B, A, values, indices)
+        w = None
+        if ctx.needs_input_grad[0] and keeps_weight(x, B, A, values, indices, scale, bias, path):
+            with below_autograd():
+                y, w = _WITH_W(x, B, A, values, indices, scale, bias)
+        else:
+            y = run_below(_FORWARD, x, B, A, values, indices, scale, bias, path)
+        ctx.save_for_backward(x, B, A, values, indices, w)
         ctx.scale, ctx.path, ctx.has_bias = scale, path, bias is not None
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, B, A, values, indices = ctx.saved_tensors
+        x, B, A, values, indices, w = ctx.saved_tensors
         need_x, need_b, need_a, need_v = ctx.needs_input_grad[:4]
         dx, db, da, dv = _BACKWARD(grad, x, B, A, values, indices, ctx.scale, ctx.path, need_x,
-                                   need_b, need_a, need_v)  # fmt: skip
+                                   need_b, need_a, need_v, w)  # fmt: skip
         dbias = None
         if ctx.has_bias and ctx.needs_input_grad[6]:
             dbias = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0)
@@ -633,6 +710,7 @@ def _jvp(primals, tangents):
 
 register_autograd(_FORWARD, _SLTrainMatmul, _jvp)
 register_not_differentiable(_BACKWARD, "double backward through sltrain_matmul is not supported")
+register_not_differentiable(_WITH_W, "it is sltrain_matmul's training forward; use sltrain_matmul")
 register_autocast(_FORWARD)
 
 
