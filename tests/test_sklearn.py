@@ -4,6 +4,8 @@ streamed memmaps)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -169,3 +171,40 @@ def test_covariance_solver_is_accurate_whatever_the_mean(offset):
                           compute_uv=False)[:10] ** 2 / 3999  # fmt: skip
     fitted = PCA(10, svd_solver="covariance_eigh").fit(x)
     assert np.max(np.abs(fitted.explained_variance_ - exact) / exact) < 1e-4
+
+
+def test_results_keep_the_input_dtype():
+    """fit_transform of a float32 tensor is float32, as transform and NumPy input are;
+    noise_variance_ is a NumPy scalar of the data's dtype."""
+    x = data(dtype=np.float32)
+    estimators = [PCA(5, svd_solver=solver, random_state=0)
+                  for solver in ("randomized", "full", "covariance_eigh")]  # fmt: skip
+    for estimator in [*estimators, TruncatedSVD(5, random_state=0)]:
+        out = estimator.fit_transform(torch.from_numpy(x))
+        assert out.dtype == estimator.transform(torch.from_numpy(x)).dtype == torch.float32
+    for dtype in (np.float32, np.float64):
+        for solver in ("full", "covariance_eigh", "randomized"):
+            fitted = PCA(5, svd_solver=solver, random_state=0).fit(data(dtype=dtype))
+            assert type(fitted.noise_variance_) is dtype, solver
+        assert type(PCA(5).partial_fit(data(dtype=dtype)).noise_variance_) is dtype
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+@pytest.mark.parametrize("solver", ["full", "covariance_eigh", "randomized"])
+def test_float32_at_extreme_magnitudes(solver, scale):
+    """Finite float32 data times 1e-30 or 1e30: the same explained variance ratios,
+    components and (scaled) scores as unscaled; only the variances themselves (1e-60, 1e60)
+    are beyond float32, and underflow or overflow as scikit-learn's do."""
+    x = data(dtype=np.float32)
+    scaled = x * np.float32(scale)
+    reference = PCA(5, svd_solver=solver, random_state=0).fit(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
+        fitted = PCA(5, svd_solver=solver, random_state=0).fit(scaled)
+        svd = TruncatedSVD(5, random_state=0).fit(scaled)
+    assert np.allclose(fitted.explained_variance_ratio_, reference.explained_variance_ratio_,
+                       rtol=1e-4)  # fmt: skip
+    assert np.allclose(np.abs(fitted.components_ @ reference.components_.T), np.eye(5), atol=1e-3)
+    assert np.allclose(fitted.transform(scaled) / scale, reference.transform(x), atol=1e-3)
+    ratio = TruncatedSVD(5, random_state=0).fit(x).explained_variance_ratio_
+    assert np.allclose(svd.explained_variance_ratio_, ratio, rtol=1e-4)

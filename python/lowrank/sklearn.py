@@ -19,6 +19,7 @@ Replace ``from sklearn.decomposition import PCA`` with ``from lowrank.sklearn im
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 
@@ -161,13 +162,17 @@ class _Data:
         total = torch.zeros(n, dtype=torch.float64)
         squares = torch.zeros(n, dtype=torch.float64)
         for block in blocks:  # per block in its own dtype (no copies), summed in float64
-            total += block.sum(0).double().cpu()
+            sums = block.sum(0).double().cpu()
             if block.is_cpu:  # a fused multiply-add reduction, no temporary
                 b = block.numpy()
-                squares += torch.from_numpy(np.einsum("ij,ij->j", b, b)).double()
+                block_squares = torch.from_numpy(np.einsum("ij,ij->j", b, b)).double()
             else:
-                squares += torch.linalg.vector_norm(block, dim=0).double().square().cpu()
-        if not bool(torch.isfinite(squares).all()):
+                block_squares = torch.linalg.vector_norm(block, dim=0).double().square().cpu()
+            if block.dtype != torch.float64:
+                _redo_out_of_range(block, sums, block_squares)
+            total += sums
+            squares += block_squares
+        if not bool(torch.isfinite(squares).all() and torch.isfinite(total).all()):
             raise ValueError("Input X contains NaN or infinity.")
         return total / m, squares
 
@@ -175,8 +180,35 @@ class _Data:
         """A result in the caller's world: NumPy in the input's dtype, or a tensor on the
         input's device."""
         if self.kind == "torch":
-            return t.to(self.out_device)
+            dtype = torch.float32 if self.dtype == np.float32 else torch.float64
+            return t.to(device=self.out_device, dtype=dtype)
         return t.detach().cpu().numpy().astype(self.dtype, copy=False)
+
+
+def _redo_out_of_range(block: torch.Tensor, sums: torch.Tensor, squares: torch.Tensor) -> None:
+    """Column sums and sums of squares of a float32 (or half) ``block`` again in float64 for
+    the columns whose float32 ones left the range: squares overflow above about ``1e19``
+    and lose their digits to underflow below about ``1e-19`` (squares under
+    ``tiny / eps``), so finite data of any magnitude has exact statistics. Columns in range
+    (all of them, for data of ordinary magnitude) cost nothing more."""
+    info = torch.finfo(block.dtype)
+    bad = ~(torch.isfinite(sums) & torch.isfinite(squares)) | (squares < info.tiny / info.eps)
+    columns = bad.nonzero()[:, 0]
+    if columns.numel():
+        redo = block[:, columns.to(block.device)].double()
+        sums[columns] = redo.sum(0).cpu()
+        squares[columns] = redo.square().sum(0).cpu()
+
+
+def _gram_exponent(energy: float, count: int, dtype: torch.dtype) -> int:
+    """0 when the Gram matrix of ``count`` numbers of ``dtype`` whose squares sum to
+    ``energy`` stays well inside the dtype's range; else the ``e`` that brings their root
+    mean square to about 1 in ``2^-e X``."""
+    info = torch.finfo(dtype)
+    mean_square = energy / max(count, 1)
+    if energy > info.max / 4 or 0.0 < mean_square < info.tiny / info.eps:
+        return math.frexp(math.sqrt(mean_square))[1]
+    return 0
 
 
 def _csr(crow, col, values, shape, check: bool = True) -> torch.Tensor:
@@ -257,11 +289,12 @@ class TruncatedSVD(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             s = torch.cat([s, torch.zeros(k - rank, dtype=s.dtype, device=s.device)])
         self.components_ = vh.cpu().numpy().astype(data.dtype)
         transformed = data.matmul(self.components_.T)
-        t64 = transformed.double()
-        self.explained_variance_ = t64.var(0, unbiased=False).cpu().numpy().astype(data.dtype)
+        variance = transformed.double().var(0, unbiased=False).cpu().numpy()
+        self.explained_variance_ = variance.astype(data.dtype)
         mean, squares = data.column_stats()
         full_var = float((squares / m - mean.square()).clamp_min(0.0).sum())
-        self.explained_variance_ratio_ = (self.explained_variance_ / full_var).astype(data.dtype)
+        # the ratio of the float64 variances: float32 ones may have left the range
+        self.explained_variance_ratio_ = (variance / full_var).astype(data.dtype)
         self.singular_values_ = s.double().cpu().numpy().astype(data.dtype)
         return data.out(transformed)
 
@@ -411,7 +444,7 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             if u is not None:
                 u_keep = u[:, :k].double()
             ev_all = s.square() / (m - 1)
-            self.noise_variance_ = float(ev_all[k:].mean()) if k < min(m, n) else 0.0
+            noise = float(ev_all[k:].mean()) if k < min(m, n) else 0.0
             s, vh = s[:k], vh[:k]
             scores = None if u_keep is None else u_keep * s
         ev = s.square() / (m - 1)
@@ -427,7 +460,8 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if solver == "randomized":
             kept = float(ev.sum())
             rest = min(m, n) - self.n_components_
-            self.noise_variance_ = (total_var - kept) / rest if rest > 0 else 0.0
+            noise = (total_var - kept) / rest if rest > 0 else 0.0
+        self.noise_variance_ = data.dtype(noise)  # a NumPy scalar, as scikit-learn's
         # the state partial_fit continues from
         self.n_samples_seen_ = m
         self.var_ = column_var.numpy().astype(data.dtype)
@@ -461,6 +495,7 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             u, vh = _v_based_flip(u, vh)
             return s.double(), vh.double(), u
         # covariance_eigh: C = (X^T X - m mu mu^T) / (m - 1)
+        exponent = 0  # the Gram matrix is of 2^-exponent X
         if data.stream is not None:
             panels = RowPanels(data.stream, "cpu", self.max_memory, torch.float64, False)
             gram = torch.zeros(panels.n, panels.n, dtype=torch.float64)
@@ -473,18 +508,26 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             # Gram matrices of blocks of rows by GEMM in the data's dtype, summed in float64.
             # X^T X - m mu mu^T loses digits to cancellation when the mean dominates the
             # spread: then (mean energy over 100x the variance) the blocks are centred first.
+            # Data whose Gram matrix would leave the dtype's range (|x| beyond about 1e19 or
+            # below 1e-19 in float32) is scaled by a power of two first (exact).
             x = data.tensor
             mean_energy = m * float(mu.double().square().sum())
             centre = mean_energy > 100.0 * total_var * (m - 1)
+            energy = total_var * (m - 1) + (0.0 if centre else mean_energy)  # sum of squares
+            exponent = _gram_exponent(energy, x.numel(), x.dtype)
             mu_x = mu.to(x.dtype)
             rows = max(1, (1 << 24) // max(1, x.shape[1]))
             gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            buffer = torch.empty(min(rows, m) if centre else 0, x.shape[1], dtype=x.dtype,
-                                 device=x.device)  # fmt: skip
+            buffer = torch.empty(min(rows, m) if centre or exponent else 0, x.shape[1],
+                                 dtype=x.dtype, device=x.device)  # fmt: skip
             for i in range(0, m, rows):
                 block = x[i : i + rows]
                 if centre:  # one buffer for every block: no fresh pages
                     block = torch.sub(block, mu_x, out=buffer[: block.shape[0]])
+                if exponent:  # in two factors, each within float32's range
+                    half = -exponent // 2
+                    block = torch.mul(block, 2.0**half, out=buffer[: block.shape[0]])
+                    block.mul_(2.0 ** (-exponent - half))
                 if block.is_cpu:  # NumPy's B^T B is a symmetric rank-k update: half the FLOPs
                     b = block.numpy()
                     gram += torch.from_numpy(b.T @ b).double()
@@ -492,7 +535,7 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                     gram += (block.mT @ block).double()
             if centre:
                 mu = torch.zeros_like(mu)
-        mu64 = mu.double().to(gram.device)
+        mu64 = mu.double().to(gram.device) * 2.0**-exponent
         cov = (gram - m * torch.outer(mu64, mu64)) / (m - 1)
         cov = (cov + cov.mT) / 2
         if cov.is_cpu:  # LAPACK through NumPy: the same driver, faster than torch's here
@@ -501,7 +544,7 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             values, vectors = torch.linalg.eigh(cov)
         values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
         _, vh = _v_based_flip(None, vectors.mT.contiguous())
-        return (values * (m - 1)).sqrt(), vh, None
+        return (values * (m - 1)).sqrt() * 2.0**exponent, vh, None
 
     # ---- incremental ----------------------------------------------------------------------------
 
@@ -560,7 +603,7 @@ class PCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.explained_variance_ = ev[:k].cpu().numpy().astype(data.dtype)
         self.explained_variance_ratio_ = ratio[:k].cpu().numpy().astype(data.dtype)
         self.n_components_ = k
-        self.noise_variance_ = float(ev[k:].mean()) if k < n and len(ev) > k else 0.0
+        self.noise_variance_ = data.dtype(float(ev[k:].mean()) if k < n and len(ev) > k else 0.0)
         return self
 
     # ---- using the fit ---------------------------------------------------------------------------
