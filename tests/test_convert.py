@@ -167,9 +167,9 @@ def test_not_inplace_leaves_the_model_alone():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_empty_selection():
-    report = convert(Toy(), "lowrank", rank=2, filter=["nothing"], progress=False)
-    assert report.layers == [] and report.params_before == 0
+def test_empty_selection_raises():
+    with pytest.raises(ValueError, match="matches filter"):
+        convert(Toy(), "lowrank", rank=2, filter=["nothing"], progress=False)
 
 
 # ---- budgets ------------------------------------------------------------------------------------
@@ -255,8 +255,10 @@ def test_option_errors():
         convert(Toy(), "lowrank", params=1.5, progress=False)
     with pytest.raises(ValueError, match="allocation"):
         convert(Toy(), "lowrank", params=0.5, allocation="best", progress=False)
-    with pytest.raises(TypeError, match="unexpected options"):
+    with pytest.raises(ValueError, match=r"unknown options \['blocks'\].*nblocks"):
         convert(Toy(), "monarch", blocks=4, progress=False)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        convert(Toy(), "dense", progress=False)
     with pytest.raises(ValueError, match="adapter"):
         convert(Toy(), "kron_adapter", params=0.5, progress=False)
     with pytest.raises(TypeError, match="filter"):

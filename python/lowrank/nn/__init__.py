@@ -1,26 +1,45 @@
-"""``torch.nn`` layers built on lowrank's ops, and whole-model conversion."""
+"""``torch.nn`` layers built on lowrank's ops, whole-model conversion, and saving.
 
-from lowrank.nn import calibration, checkpoints, lora
+Each conversion kind registers itself next to its layer (:mod:`lowrank.nn.registry`):
+``kinds()`` lists them, ``register_kind`` adds one from user code.
+"""
+
+from lowrank.nn import calibration, checkpoints, lora, registry
 from lowrank.nn.convert import ConversionReport, LayerReport, convert, unconvert
-from lowrank.nn.kron import KronLinear
-from lowrank.nn.kron_adapter import KronAdapter
-from lowrank.nn.lora import LoRAAdapter
-from lowrank.nn.lowrank import LowRankLinear
-from lowrank.nn.monarch import MonarchLinear
-from lowrank.nn.sltrain import SLTrainLinear
+from lowrank.nn.kron import KronConfig, KronLinear
+from lowrank.nn.kron_adapter import KronAdapter, KronAdapterConfig
+from lowrank.nn.lora import LoRAAdapter, LoRAConfig
+from lowrank.nn.lowrank import LowRankConfig, LowRankLinear
+from lowrank.nn.monarch import MonarchConfig, MonarchLinear
+from lowrank.nn.registry import ConversionContext, KindConfig, kinds, register_kind
+from lowrank.nn.saving import load, save
+from lowrank.nn.sltrain import SLTrainConfig, SLTrainLinear
 
 __all__ = [
+    "ConversionContext",
     "ConversionReport",
+    "KindConfig",
     "KronAdapter",
+    "KronAdapterConfig",
+    "KronConfig",
     "KronLinear",
     "LayerReport",
     "LoRAAdapter",
+    "LoRAConfig",
+    "LowRankConfig",
     "LowRankLinear",
+    "MonarchConfig",
     "MonarchLinear",
+    "SLTrainConfig",
     "SLTrainLinear",
     "calibration",
     "checkpoints",
     "convert",
+    "kinds",
+    "load",
     "lora",
+    "register_kind",
+    "registry",
+    "save",
     "unconvert",
 ]

@@ -31,8 +31,7 @@ keeps the fit a Monarch projection). ``"kron"`` and the adapters ignore it.
 from __future__ import annotations
 
 import copy
-import heapq
-import math
+import dataclasses
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -45,16 +44,9 @@ from torch import nn
 from lowrank import _validate as check
 from lowrank.linalg.error import relative_residual
 from lowrank.nn import calibration as calib
-from lowrank.nn import lora
-from lowrank.nn.kron import KronLinear, near_square_factors
-from lowrank.nn.kron_adapter import KronAdapter
-from lowrank.nn.lowrank import LowRankLinear, cholesky_damped
-from lowrank.nn.monarch import MonarchLinear
-from lowrank.nn.sltrain import SLTrainLinear
-
-KINDS = ("lowrank", "monarch", "sltrain", "kron", "kron_adapter", "lora")
-_ADAPTERS = ("kron_adapter", "lora")
-_CALIBRATED = ("lowrank", "monarch", "sltrain")
+from lowrank.nn._base import AdapterLinear
+from lowrank.nn.registry import ConversionContext, Kind, KindConfig, get_kind, mark
+from lowrank.nn.registry import layer_classes as _layer_classes
 
 
 @dataclass
@@ -84,6 +76,20 @@ class ConversionReport:
     allocation: str = ""
     calibration_seconds: float = 0.0
     seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON values (without the model)."""
+        return {
+            "kind": self.kind,
+            "allocation": self.allocation,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "ratio": self.ratio,
+            "seconds": self.seconds,
+            "calibration_seconds": self.calibration_seconds,
+            "layers": [_layer_dict(r) for r in self.layers],
+            "skipped": [_layer_dict(r) for r in self.skipped],
+        }
 
     @property
     def params_before(self) -> int:
@@ -121,6 +127,12 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _layer_dict(layer: LayerReport) -> dict[str, Any]:
+    d = dataclasses.asdict(layer)
+    d["shape"] = list(layer.shape)
+    return d
+
+
 # ---- which layers -------------------------------------------------------------------------------
 
 
@@ -143,11 +155,19 @@ def _check_filter(filter) -> None:
                     f"a list of module names, got {type(filter).__name__}")  # fmt: skip
 
 
-def _targets(model: nn.Module, filter, report: ConversionReport):
+def _own_forward(module: nn.Module) -> bool:
+    """A subclass of ``nn.Linear`` whose forward is not ``nn.Linear``'s (quantized layers
+    such as bitsandbytes' ``Linear8bitLt``): its weight alone does not say what it computes."""
+    return type(module).forward is not nn.Linear.forward
+
+
+def _targets(model: nn.Module, filter, report: ConversionReport, kind: Kind):
     """``[(names, linear)]``: each targeted linear once, with every name it is reachable by
-    (a module shared by two parents is converted once and stays shared). A linear whose
-    weight is tied to another module (an embedding, or another linear with its own bias)
-    is skipped with the reason: converting it would untie the two."""
+    (a module shared by two parents is converted once and stays shared). Skipped with the
+    reason: a linear whose weight is tied to another module (converting it would untie the
+    two), one whose weight ``nn.MultiheadAttention`` reads directly, and for the kinds that
+    replace the layer one with a forward of its own or a weight that is not floating point.
+    The layers inside lowrank's own modules (an adapter's frozen base) are never targets."""
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
@@ -155,17 +175,25 @@ def _targets(model: nn.Module, filter, report: ConversionReport):
     # nn.MultiheadAttention reads its out_proj's weight directly instead of calling it.
     read_directly = {id(m.out_proj) for m in model.modules()
                      if isinstance(m, nn.MultiheadAttention)}  # fmt: skip
+    inside = {id(sub) for m in model.modules() if isinstance(m, _layer_classes())
+              for sub in m.modules() if sub is not m}  # fmt: skip
     groups: dict[int, tuple[list[str], nn.Linear]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, nn.Linear) or not name:
+        if not isinstance(module, nn.Linear) or not name or id(module) in inside:
             continue
         if not _matches(name, module, filter):
             continue
+        note = ""
         if id(module) in read_directly:
+            note = "nn.MultiheadAttention uses its weight, not its forward"
+        elif not kind.adapter and _own_forward(module):
+            note = f"{type(module).__name__} has a forward of its own"
+        elif not kind.adapter and not module.weight.is_floating_point():
+            note = f"its weight is {module.weight.dtype}, not floating point"
+        if note:
             count = _count(module)
-            report.skipped.append(LayerReport(name, report.kind, tuple(module.weight.shape), count,
-                                              count, note="nn.MultiheadAttention uses its "
-                                              "weight, not its forward"))  # fmt: skip
+            report.skipped.append(LayerReport(name, report.kind, tuple(module.weight.shape),
+                                              count, count, note=note))  # fmt: skip
             continue
         groups.setdefault(id(module), ([], module))[0].append(name)
     targets = []
@@ -192,62 +220,12 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-# ---- budgets ------------------------------------------------------------------------------------
-
-
-def _max_rank(out: int, inp: int) -> int:
-    """The largest rank that still saves parameters (at least 1)."""
-    return max(1, min(out, inp, (out * inp) // (out + inp)))
-
-
-def _uniform_ranks(shapes: Mapping[str, tuple[int, int]], fraction: float) -> dict[str, int]:
-    """One rank ``r`` for every layer: the largest whose total stays within the budget."""
-    budget = fraction * sum(o * i for o, i in shapes.values())
-
-    def total(r):
-        return sum(min(r, _max_rank(o, i)) * (o + i) for o, i in shapes.values())
-
-    r = 1
-    while r < max(min(s) for s in shapes.values()) and total(r + 1) <= budget:
-        r += 1
-    return {name: min(r, _max_rank(o, i)) for name, (o, i) in shapes.items()}
-
-
-def _greedy_ranks(worth: Mapping[str, torch.Tensor], shapes, fraction: float) -> dict[str, int]:
-    """Ranks maximising the total worth of the kept components within the budget: take
-    components by worth per parameter (every layer keeps at least one)."""
-    budget = fraction * sum(o * i for o, i in shapes.values())
-    ranks = dict.fromkeys(shapes, 1)
-    spent = sum(o + i for o, i in shapes.values())
-    heap = [(-float(worth[n][1]) / sum(shapes[n]), n) for n in shapes
-            if len(worth[n]) > 1 and _max_rank(*shapes[n]) > 1]  # fmt: skip
-    heapq.heapify(heap)
-    while heap:
-        _, n = heapq.heappop(heap)
-        cost = sum(shapes[n])
-        if spent + cost > budget:
-            continue
-        ranks[n] += 1
-        spent += cost
-        if ranks[n] < min(len(worth[n]), _max_rank(*shapes[n])):
-            heapq.heappush(heap, (-float(worth[n][ranks[n]]) / cost, n))
-    return ranks
-
-
-def _spectrum(weight: torch.Tensor, whitening: torch.Tensor | None) -> torch.Tensor:
-    """All singular values of the (whitened) weight, in float64."""
-    w = weight.detach().double()
-    if whitening is not None:
-        w = w @ whitening
-    return torch.linalg.svdvals(w)
-
-
 # ---- the conversion -----------------------------------------------------------------------------
 
 
 def convert(
     model: nn.Module,
-    kind: str,
+    kind: str | KindConfig,
     *,
     filter: Callable[[str, nn.Module], bool] | str | Sequence[str] | None = None,
     inplace: bool = True,
@@ -262,9 +240,12 @@ def convert(
 
     Args:
         model: any module; only ``nn.Linear`` (and subclasses) are touched.
-        kind: ``"lowrank"``, ``"monarch"``, ``"sltrain"``, ``"kron"`` (each from the dense
-            weight by the layer's ``from_dense``), or an adapter around the frozen layer:
-            ``"kron_adapter"``, ``"lora"``.
+        kind: the name of a registered kind (:func:`lowrank.nn.kinds`) with its options as
+            keyword arguments, or a configuration instance (e.g.
+            ``lowrank.nn.LoRAConfig(rank=16)``). Built in: ``"lowrank"``, ``"monarch"``,
+            ``"sltrain"``, ``"kron"`` (each from the dense weight by the layer's
+            ``from_dense``), or an adapter around the frozen layer: ``"kron_adapter"``,
+            ``"lora"``.
         filter: which layers: a callable ``(name, module) -> bool``, a regular expression
             matched against the full name, or a list of names matched as PEFT's
             ``target_modules`` (equal to, or ending in ``"." + name``). Default: all.
@@ -279,22 +260,29 @@ def convert(
             gets ``requires_grad=False``. Default: True for the adapters (as PEFT's
             ``get_peft_model`` does; their base layers are frozen either way), False for
             the structured kinds.
-        options: the kind's own: ``rank`` or ``tol`` (lowrank); ``nblocks`` (default 4) and
-            ``rank`` (monarch); ``rank``, ``sparsity`` (default 0.03), ``alpha``, ``seed``
-            (sltrain); ``factors``, ``terms`` (kron); the adapter's constructor arguments
-            (kron_adapter; lora: ``rank`` (default 8), ``alpha``, ``dropout``, ``init``,
-            ``svd``, ``n_iter``, ``corda_method``, ``seed``, ``dtype``, and for EVA ``rho``
-            (default 2): a layer gets at most ``round(rank * rho)`` components, the
-            ``rank * layers`` components with the largest explained variance ratios
-            across all layers are kept, and ``alpha`` follows each layer's rank so the
-            scale stays ``alpha / rank``).
+        options: the kind's own, the fields of its configuration dataclass
+            (:class:`LowRankConfig`, :class:`MonarchConfig`, :class:`SLTrainConfig`,
+            :class:`KronConfig`, :class:`KronAdapterConfig`, :class:`LoRAConfig`, whose
+            docstrings give the defaults). An unknown option raises ``ValueError`` naming
+            the valid ones.
 
     Returns:
         A :class:`ConversionReport`: per layer its shape, parameters before and after,
         relative errors and time; tied or skipped layers with the reason; totals.
+
+    Raises:
+        ValueError: for an unknown kind or option, a bad budget, or when nothing would be
+            converted (no layer matches the filter, or every match is skipped: the reasons
+            are in the message).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    spec = get_kind(kind)
+    if isinstance(kind, KindConfig):
+        if options:
+            raise ValueError(f"give the options of {spec.name} in its configuration or as "
+                             f"keywords, not both (got {sorted(options)})")  # fmt: skip
+        config = kind
+    else:
+        config = spec.config.from_options(spec.name, options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_filter(filter)
@@ -304,49 +292,65 @@ def convert(
         params = check.real("params", params, 0.0, 1.0)
         if params == 0.0:
             raise ValueError("params must be a fraction in (0, 1]")
-        if kind in _ADAPTERS:
-            raise ValueError(f"params= is for the structured kinds; {kind} adds an adapter")
+        if not spec.budget:
+            raise ValueError(f"params= is for the structured kinds; {spec.name} adds an adapter")
     start = time.perf_counter()
     model = model if inplace else copy.deepcopy(model)
-    report = ConversionReport(kind, model)
-    targets = _targets(model, filter, report)
+    report = ConversionReport(spec.name, model)
+    targets = _targets(model, filter, report, spec)
     if not targets:
-        report.seconds = time.perf_counter() - start
-        return report
+        raise ValueError(_nothing_to_convert(model, filter, report))
     batches = None if calibration is None else _materialise(calibration)
-    data_driven = kind == "lora" and options.get("init") in lora.DATA_DRIVEN
-    if data_driven and batches is None:
-        raise ValueError(f"init={options['init']!r} needs calibration batches (calibration=)")
-    stats: dict[str, calib.InputStats] = {}
-    if batches is not None and (kind in _CALIBRATED or data_driven):
+    linears = {names[0]: linear for names, linear in targets}
+    context = ConversionContext(
+        model,
+        linears,
+        batches=batches,
+        params=params,
+        allocation=allocation,
+        report=report,
+        progress=progress,
+    )
+    if batches is not None and spec.uses_calibration(config):
         t0 = time.perf_counter()
-        layers = {names[0]: linear for names, linear in targets}
-        stats = calib.input_statistics(model, batches, layers, progress=progress)
+        context.stats = calib.input_statistics(model, batches, linears, progress=progress)
         report.calibration_seconds = time.perf_counter() - t0
-    grams = {name: st.gram for name, st in stats.items()} if kind in _CALIBRATED else {}
-    plan = _plan(kind, model, targets, grams, stats, batches, params, allocation, options,
-                 report)  # fmt: skip
-    bar = _bar(targets, progress, f"convert to {kind}")
+    make = spec.plan(context, config)
     new_layers = []
-    for names, linear in bar:
+    for names, linear in _bar(targets, progress, f"convert to {spec.name}"):
         t0 = time.perf_counter()
-        new, note = plan(names[0], linear)
+        new, note = make(names[0], linear)
         if new is None:  # the plan leaves this layer as it is
             count = _count(linear)
-            report.skipped.append(LayerReport(names[0], kind, tuple(linear.weight.shape), count,
-                                              count, note=note))  # fmt: skip
+            report.skipped.append(LayerReport(names[0], spec.name, tuple(linear.weight.shape),
+                                              count, count, note=note))  # fmt: skip
             continue
+        mark(new, spec, config)
         new_layers.append(new)
         for name in names:
             _set(model, name, new)
-        report.layers.append(_layer_report(names, linear, new, kind, grams.get(names[0]),
+        gram = context.stats[names[0]].gram if names[0] in context.stats else None
+        report.layers.append(_layer_report(names, linear, new, spec, gram,
                                            time.perf_counter() - t0, note))  # fmt: skip
     if freeze is None:
-        freeze = kind in _ADAPTERS
+        freeze = spec.adapter
     if freeze:
         _freeze_all_but(model, new_layers)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _nothing_to_convert(model: nn.Module, filter, report: ConversionReport) -> str:
+    if isinstance(model, nn.Linear):
+        return ("the model is itself an nn.Linear: convert a module that holds it (e.g. "
+                "nn.Sequential(linear)), or use the layer's from_dense")  # fmt: skip
+    if report.skipped:
+        reasons = "; ".join(f"{r.name}: {r.note}" for r in report.skipped[:5])
+        return f"no layer to convert to {report.kind}: every match was skipped ({reasons})"
+    if filter is not None:
+        return (f"no nn.Linear of the model matches filter={filter!r} (lowrank's own layers "
+                "and the bases of adapters are not targets)")  # fmt: skip
+    return "the model has no nn.Linear to convert (lowrank's own layers are not targets)"
 
 
 def _freeze_all_but(model: nn.Module, layers: list[nn.Module]) -> None:
@@ -372,175 +376,15 @@ def _materialise(calibration) -> list:
     return batches
 
 
-def _plan(kind, model, targets, grams, stats, batches, params, allocation, options, report):
-    """``make(name, linear) -> (new module, note)`` for the kind and budget."""
-    shapes = {names[0]: tuple(linear.weight.shape) for names, linear in targets}
-    if kind == "lowrank":
-        return _plan_lowrank(model, targets, shapes, grams, batches, params, allocation, options,
-                             report)  # fmt: skip
-    if kind == "monarch":
-        nblocks = options.pop("nblocks", 4)
-        rank = options.pop("rank", None)
-        _no_more(kind, options)
-        scales = {n: (g.diagonal() / max(1.0, float(g.diagonal().mean()))).sqrt().clamp_min(1e-6)
-                  for n, g in grams.items()}  # fmt: skip
-
-        def make_monarch(name, linear):
-            k = _blocks(nblocks, *shapes[name])
-            if rank is not None:
-                r = rank
-            elif params is not None:
-                r = _monarch_rank(params, k, *shapes[name])
-            else:
-                r = _default_monarch_rank(k, *shapes[name])
-            scale = scales.get(name)
-            scale = None if scale is None else scale.to(linear.weight.dtype)
-            layer = MonarchLinear.from_dense(linear, k, r, input_scale=scale)
-            return layer, f"nblocks {k}, rank {r}"
-
-        report.allocation = "uniform"
-        return make_monarch
-    if kind == "sltrain":
-        sparsity = options.pop("sparsity", 0.03)
-        rank = options.pop("rank", None)
-        alpha = options.pop("alpha", 32.0)
-        seed = options.pop("seed", 0)
-        _no_more(kind, options)
-        if (rank is None) == (params is None):
-            raise ValueError("sltrain needs exactly one of rank= and params=")
-
-        def make_sltrain(name, linear):
-            out, inp = shapes[name]
-            r = (
-                rank
-                if rank is not None
-                else max(1, int((params - sparsity) * out * inp / (out + inp)))
-            )
-            r = min(r, out, inp)
-            layer = SLTrainLinear.from_dense(linear, r, sparsity, alpha, seed, gram=grams.get(name))
-            return layer, f"rank {r}"
-
-        report.allocation = "uniform"
-        return make_sltrain
-    if kind == "kron":
-        factors = options.pop("factors", None)
-        terms = options.pop("terms", None)
-        _no_more(kind, options)
-
-        def make_kron(name, linear):
-            out, inp = shapes[name]
-            t = terms
-            if t is None:
-                (p, r), (q, s) = near_square_factors(out), near_square_factors(inp)
-                t = 1 if params is None else max(1, min(int(params * out * inp / (p * q + r * s)),
-                                                        p * q, r * s))  # fmt: skip
-            layer = KronLinear.from_dense(linear, factors, t)
-            return layer, f"terms {t}"
-
-        report.allocation = "uniform"
-        return make_kron
-    if kind == "lora":
-        return _plan_lora(shapes, stats, options, report)
-    adapter_options = dict(options)
-
-    def make_kron_adapter(name, linear):
-        return KronAdapter(linear, **adapter_options), ""
-
-    return make_kron_adapter
-
-
-def _plan_lora(shapes, stats, options, report):
-    rank = check.positive_int("rank", options.pop("rank", 8))
-    alpha = float(options.pop("alpha", rank))
-    rho = check.real("rho", options.pop("rho", 2.0))
-    init = options.get("init", "gaussian")
-    ranks = {n: min(rank, *shapes[n]) for n in shapes}
-    if init == "eva":  # EVA's redistribution by explained variance across layers
-        spectra = {n: lora.eva_spectrum(stats[n])[0] for n in shapes}
-        ranks = {n: min(r, *shapes[n]) for n, r in lora.eva_ranks(spectra, rank, rho).items()}
-        report.allocation = f"EVA: {rank * len(shapes)} components by explained variance"
-
-    def make_lora(name, linear):
-        r = ranks[name]
-        if r == 0:
-            return None, "EVA gave it no components"
-        layer = lora.LoRAAdapter(linear, r, alpha * r / rank, stats=stats.get(name), **options)
-        return layer, f"rank {r}, init {layer.init}"
-
-    return make_lora
-
-
-def _no_more(kind: str, options: dict) -> None:
-    if options:
-        raise TypeError(f"convert to {kind} got unexpected options {sorted(options)}")
-
-
-def _blocks(nblocks: int, out: int, inp: int) -> int:
-    return max(1, min(check.positive_int("nblocks", nblocks), out, inp))
-
-
-def _default_monarch_rank(k, out, inp):
-    """The rank of MonarchLinear's own square blocks for this size."""
-    return max(1, min(math.ceil(inp / k), math.ceil(out / k)) // k)
-
-
-def _monarch_rank(params, k, out, inp):
-    """The rank whose Monarch factors hold ``params`` of the layer's parameters:
-    ``k*l*r*(p + s)`` with ``l = k`` blocks of ``p = in/k`` inputs and ``s = out/k`` outputs."""
-    p, s = math.ceil(inp / k), math.ceil(out / k)
-    return max(1, min(int(params * out * inp / (k * k * (p + s))), p, s))
-
-
-def _plan_lowrank(model, targets, shapes, grams, batches, params, allocation, options, report):
-    rank = options.pop("rank", None)
-    tol = options.pop("tol", None)
-    seed = options.pop("seed", 0)
-    _no_more("lowrank", options)
-    if sum(x is not None for x in (rank, tol, params)) != 1:
-        raise ValueError("convert to lowrank needs exactly one of rank=, tol= and params=")
-    whitening = {n: cholesky_damped(g) for n, g in grams.items()}
-    if rank is not None:
-        rank = check.positive_int("rank", rank)
-        ranks = {n: min(rank, *shapes[n]) for n in shapes}
-        report.allocation = f"uniform rank {rank}"
-    elif tol is not None:
-        ranks = None
-        report.allocation = f"tol {tol}"
-    elif allocation == "uniform":
-        ranks = _uniform_ranks(shapes, params)
-        report.allocation = f"uniform rank for {params:g} of the parameters"
-    else:
-        linears = {names[0]: linear for names, linear in targets}
-        spectra = {n: _spectrum(linears[n].weight, whitening.get(n)) for n in shapes}
-        if batches is not None:
-            gains = calib.output_sensitivity(model, batches[0], linears)
-            worth = {n: gains[n] * spectra[n].square() for n in shapes}
-            ranks = _greedy_ranks(worth, shapes, params)
-            report.allocation = (f"global for {params:g} of the parameters: singular values "
-                                 "weighted by the output's sensitivity")  # fmt: skip
-        else:
-            ranks = _greedy_ranks({n: spectra[n].square() for n in shapes}, shapes, params)
-            report.allocation = (f"global for {params:g} of the parameters: least total "
-                                 "squared weight error")  # fmt: skip
-
-    def make_lowrank(name, linear):
-        gram = grams.get(name)
-        if ranks is None:
-            layer = LowRankLinear.from_dense(linear, tol=tol, gram=gram, seed=seed)
-        else:
-            layer = LowRankLinear.from_dense(linear, ranks[name], gram=gram, seed=seed)
-        return layer, f"rank {layer.rank}"
-
-    return make_lowrank
-
-
-def _layer_report(names, linear, new, kind, gram, seconds, note) -> LayerReport:
+def _layer_report(names, linear, new, kind: Kind, gram, seconds, note) -> LayerReport:
     out, inp = linear.weight.shape
     report = LayerReport(names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} tied)",
-                         kind, (out, inp), _count(linear), _count(new), seconds=seconds,
+                         kind.name, (out, inp), _count(linear), _count(new), seconds=seconds,
                          note=note)  # fmt: skip
-    if kind in _ADAPTERS:  # the base stays and the adapter adds to it
+    if kind.adapter:  # the base stays and the adapter adds to it
         return report
+    from lowrank.nn.lowrank import cholesky_damped
+
     with torch.no_grad():
         w, dense = linear.weight.detach().double(), new.to_dense().detach().double()
         report.weight_error = relative_residual(w, dense)
@@ -562,28 +406,33 @@ def _bar(items, progress, desc):
 
 
 def unconvert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
-    """Every lowrank layer back to an ``nn.Linear`` with its dense equivalent (adapters
-    merged into their base layer), so the model runs and exports without lowrank."""
+    """Every lowrank layer back to an ``nn.Linear`` with its dense equivalent, so the model
+    runs and exports without lowrank. An adapter is merged into its base layer, which takes
+    its place (the base's own class and forward stay, as PEFT's ``merge_and_unload`` does);
+    merging must be exact, so an adapter whose base cannot hold the change raises
+    (``AdapterLinear.merge``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     model = model if inplace else copy.deepcopy(model)
-    structured = (LowRankLinear, MonarchLinear, SLTrainLinear, KronLinear, KronAdapter,
-                  lora.LoRAAdapter)  # fmt: skip
-    done: dict[int, nn.Linear] = {}
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not name or not isinstance(module, structured):
+    classes = _layer_classes()
+    done: dict[int, nn.Module] = {}
+    # Innermost first, so an adapter's base is a plain layer again before the adapter merges.
+    for name, module in reversed(list(model.named_modules(remove_duplicate=False))):
+        if not name or not isinstance(module, classes):
             continue
         if id(module) not in done:
-            done[id(module)] = _to_linear(module)
+            done[id(module)] = _dense_module(module)
         _set(model, name, done[id(module)])
     return model
 
 
-def _to_linear(module: nn.Module) -> nn.Linear:
+def _dense_module(module: nn.Module) -> nn.Module:
+    if isinstance(module, AdapterLinear):
+        if not module.merged:
+            module.merge()
+        return module.base
     with torch.no_grad():
-        if hasattr(module, "base") and isinstance(module.base, nn.Linear):  # adapters
-            weight = module.weight.detach()
-            bias = module.base.bias
-        else:
-            weight, bias = module.to_dense().detach(), getattr(module, "bias", None)
+        weight, bias = module.to_dense().detach(), getattr(module, "bias", None)
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None,
                            device=weight.device, dtype=weight.dtype)  # fmt: skip
         linear.weight.copy_(weight)

@@ -12,6 +12,7 @@ the dense weight, whichever measures fastest for the shape).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from torch import nn
 from lowrank import _validate as check
 from lowrank.linalg.kronecker import nearest_kronecker
 from lowrank.nn._base import StructuredLinear
+from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 from lowrank.ops.kron import kron_matmul, kron_sum_dense, kron_sum_matmul
 
 
@@ -161,3 +163,57 @@ class KronLinear(StructuredLinear):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"factors=(({p}, {q}), ({r}, {s})){terms}, bias={self.bias is not None}"
         )
+
+
+# ---- the conversion kind ------------------------------------------------------------------------
+
+
+@dataclass
+class KronConfig(KindConfig):
+    """``convert(model, "kron", ...)``: the factor shapes ``((p, q), (r, s))`` (default: the
+    near-square split of each layer's sizes) and the number of Kronecker ``terms``
+    (default 1, or the most that keep the call's ``params=`` fraction)."""
+
+    factors: tuple[tuple[int, int], tuple[int, int]] | None = None
+    terms: int | None = None
+
+    def __post_init__(self):
+        if self.terms is not None:
+            self.terms = check.positive_int("terms", self.terms)
+        if self.factors is not None:
+            self.factors = tuple(check.int_pair(f"factors[{i}]", f)
+                                 for i, f in enumerate(self.factors))  # fmt: skip
+
+
+def _plan(context: ConversionContext, config: KronConfig):
+    if config.terms is not None and context.params is not None:
+        raise ValueError("convert to kron takes terms= or params=, not both")
+    params = context.params
+    context.report.allocation = "uniform"
+
+    def make(name, linear):
+        out, inp = linear.weight.shape
+        t = config.terms
+        if t is None:
+            (p, r), (q, s) = near_square_factors(out), near_square_factors(inp)
+            t = 1 if params is None else max(1, min(int(params * out * inp / (p * q + r * s)),
+                                                    p * q, r * s))  # fmt: skip
+        layer = KronLinear.from_dense(linear, config.factors, t)
+        return layer, f"terms {t}"
+
+    return make
+
+
+def _describe(layer: KronLinear) -> dict:
+    return {"factors": [list(f) for f in layer.factors], "terms": layer.terms,
+            "bias": layer.bias is not None}  # fmt: skip
+
+
+def _rebuild(linear: nn.Linear, d: dict) -> KronLinear:
+    factors = tuple(tuple(f) for f in d["factors"])
+    return KronLinear(linear.in_features, linear.out_features, factors, d["bias"], d["terms"],
+                      device=linear.weight.device, dtype=linear.weight.dtype)  # fmt: skip
+
+
+register_kind("kron", config=KronConfig, layers=KronLinear, plan=_plan, describe=_describe,
+              rebuild=_rebuild)  # fmt: skip

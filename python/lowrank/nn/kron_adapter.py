@@ -19,12 +19,14 @@ and :meth:`KronAdapter.peft_state_dict` convert both ways.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lowrank import _validate as check
 from lowrank.nn._base import AdapterLinear
+from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 from lowrank.ops.kron import kron_matmul_add, kron_matmul_add_
 
 _FACTOR_NAMES = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
@@ -277,3 +279,47 @@ def _full_shape(params: dict[str, torch.Tensor], name: str) -> tuple[int, int]:
     if name in params:
         return tuple(params[name].shape)
     return params[f"{name}_a"].shape[0], params[f"{name}_b"].shape[1]
+
+
+# ---- the conversion kind ------------------------------------------------------------------------
+
+
+@dataclass
+class KronAdapterConfig(KindConfig):
+    """``convert(model, "kron_adapter", ...)``: :class:`KronAdapter`'s arguments (its
+    docstring), the same for every layer."""
+
+    factor: int = -1
+    rank: int = 8
+    alpha: float | None = None
+    decompose_both: bool = False
+    dropout: float = 0.0
+    init: str = "peft"
+    factors: tuple[tuple[int, int], tuple[int, int]] | None = None
+
+    def __post_init__(self):
+        self.rank = check.positive_int("rank", self.rank)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+
+
+def _plan(context: ConversionContext, config: KronAdapterConfig):
+    options = {f: getattr(config, f) for f in config.__dataclass_fields__}
+    return lambda name, linear: (KronAdapter(linear, **options), "")
+
+
+def _describe(adapter: KronAdapter) -> dict:
+    dropout = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
+    return {"rank": adapter.rank, "alpha": adapter.alpha, "dropout": dropout,
+            "factors": [list(f) for f in adapter.kron_shape],
+            "decompose_both": adapter.w1 is None}  # fmt: skip
+
+
+def _rebuild(linear: nn.Linear, d: dict) -> KronAdapter:
+    factors = tuple(tuple(f) for f in d["factors"])
+    return KronAdapter(linear, rank=d["rank"], alpha=d["alpha"], dropout=d["dropout"],
+                       decompose_both=d["decompose_both"], factors=factors)  # fmt: skip
+
+
+register_kind("kron_adapter", config=KronAdapterConfig, layers=KronAdapter, plan=_plan,
+              describe=_describe, rebuild=_rebuild, adapter=True)  # fmt: skip

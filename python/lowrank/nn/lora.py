@@ -41,6 +41,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ from lowrank import _validate as check
 from lowrank.linalg.rsvd import rsvd
 from lowrank.nn._base import AdapterLinear
 from lowrank.nn.calibration import InputStats
+from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
 INITS = ("gaussian", "kaiming", "pissa", "olora", "eva", "corda")
 MUTATING = ("pissa", "olora", "corda")  # inits that rewrite the base weight
@@ -410,3 +412,86 @@ def save_peft(model: nn.Module, folder: str, *, base_model_name_or_path: str | N
                   metadata={"format": "pt"})  # fmt: skip
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
+
+
+# ---- the conversion kind ------------------------------------------------------------------------
+
+
+@dataclass
+class LoRAConfig(KindConfig):
+    """``convert(model, "lora", ...)``: :class:`LoRAAdapter`'s arguments (its docstring),
+    the same for every layer, with ``rank`` 8 by default. For ``init="eva"`` the ranks are
+    redistributed across layers: a layer gets at most ``round(rank * rho)`` components,
+    the ``rank * layers`` components with the largest explained variance ratios across all
+    layers are kept, and ``alpha`` follows each layer's rank so the scale stays
+    ``alpha / rank``. ``"eva"`` and ``"corda"`` need calibration batches."""
+
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    init: str = "gaussian"
+    svd: str = "randomized"
+    n_iter: int = 2
+    corda_method: str = "ipm"
+    seed: int | None = 0
+    dtype: torch.dtype | None = None
+    rho: float = 2.0
+
+    def __post_init__(self):
+        self.rank = check.positive_int("rank", self.rank)
+        if self.alpha is not None:
+            self.alpha = check.real("alpha", self.alpha)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        self.rho = check.real("rho", self.rho)
+        if isinstance(self.dtype, str):
+            self.dtype = getattr(torch, self.dtype, None)
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype)
+                                           and self.dtype.is_floating_point):  # fmt: skip
+            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+
+
+def _plan(context: ConversionContext, config: LoRAConfig):
+    if config.init in DATA_DRIVEN and context.batches is None:
+        raise ValueError(f"init={config.init!r} needs calibration batches (calibration=)")
+    shapes, stats = context.shapes, context.stats
+    rank = config.rank
+    alpha = float(rank if config.alpha is None else config.alpha)
+    ranks = {n: min(rank, *shapes[n]) for n in shapes}
+    if config.init == "eva":  # EVA's redistribution by explained variance across layers
+        spectra = {n: eva_spectrum(stats[n])[0] for n in shapes}
+        ranks = {n: min(r, *shapes[n]) for n, r in eva_ranks(spectra, rank, config.rho).items()}
+        context.report.allocation = f"EVA: {rank * len(shapes)} components by explained variance"
+    options = {"dropout": config.dropout, "init": config.init, "svd": config.svd,
+               "n_iter": config.n_iter, "corda_method": config.corda_method,
+               "seed": config.seed, "dtype": config.dtype}  # fmt: skip
+
+    def make(name, linear):
+        r = ranks[name]
+        if r == 0:
+            return None, "EVA gave it no components"
+        layer = LoRAAdapter(linear, r, alpha * r / rank, stats=stats.get(name), **options)
+        return layer, f"rank {r}, init {layer.init}"
+
+    return make
+
+
+def _describe(adapter: LoRAAdapter) -> dict:
+    dropout = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
+    return {"rank": adapter.rank, "alpha": adapter.alpha, "dropout": dropout,
+            "dtype": str(adapter.A.dtype).removeprefix("torch."),
+            "initial_factors": adapter.A0 is not None}  # fmt: skip
+
+
+def _rebuild(linear: nn.Linear, d: dict) -> LoRAAdapter:
+    """The factors, ``A0``/``B0`` and the init's name come from the saved state."""
+    adapter = LoRAAdapter(linear, d["rank"], d["alpha"], d["dropout"], "gaussian",
+                          dtype=getattr(torch, d["dtype"]))  # fmt: skip
+    if d["initial_factors"]:
+        adapter.A0, adapter.B0 = torch.empty_like(adapter.A), torch.empty_like(adapter.B)
+    return adapter
+
+
+register_kind("lora", config=LoRAConfig, layers=LoRAAdapter, plan=_plan, describe=_describe,
+              rebuild=_rebuild, adapter=True,
+              calibration=lambda config: config.init in DATA_DRIVEN)  # fmt: skip

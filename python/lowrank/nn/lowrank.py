@@ -18,6 +18,7 @@ which is optimal for that objective.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +26,13 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.linalg.error import relative_residual
+
 # The whitening and truncated SVD of from_dense, importable here as before.
 from lowrank.linalg.whitening import EXACT_SVD_MAX, Whitener, cholesky_damped  # noqa: F401
 from lowrank.linalg.whitening import truncated_svd as _truncated_svd
 from lowrank.linalg.whitening import whitener as _whitener
 from lowrank.nn._base import StructuredLinear
+from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
 
 class LowRankLinear(StructuredLinear):
@@ -148,6 +151,93 @@ class LowRankLinear(StructuredLinear):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, bias={self.bias is not None}"
         )
+
+
+# ---- the conversion kind ------------------------------------------------------------------------
+
+
+@dataclass
+class LowRankConfig(KindConfig):
+    """``convert(model, "lowrank", ...)``: exactly one of ``rank`` (every layer),
+    ``tol`` (the smallest rank within this relative error, per layer) or the call's
+    ``params=`` budget; ``seed`` for the randomized SVD. With calibration data the factors
+    fit the layers' outputs (whitened SVD)."""
+
+    rank: int | None = None
+    tol: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rank is not None:
+            self.rank = check.positive_int("rank", self.rank)
+        if self.tol is not None:
+            self.tol = check.real("tol", self.tol, 0.0, 1.0)
+
+
+def _plan(context: ConversionContext, config: LowRankConfig):
+    """Ranks for every layer (uniform, by tolerance, or a budget spread across layers: see
+    :mod:`lowrank.nn.convert`), then the whitened truncated SVD of each."""
+    from lowrank.nn import allocation
+    from lowrank.nn.calibration import output_sensitivity
+
+    rank, tol, params = config.rank, config.tol, context.params
+    if sum(x is not None for x in (rank, tol, params)) != 1:
+        raise ValueError("convert to lowrank needs exactly one of rank=, tol= and params=")
+    shapes, grams, report = context.shapes, context.grams, context.report
+    if rank is not None:
+        ranks = {n: min(rank, *shapes[n]) for n in shapes}
+        report.allocation = f"uniform rank {rank}"
+    elif tol is not None:
+        ranks = None
+        report.allocation = f"tol {tol}"
+    else:
+        allocation.check_budget(shapes, params)
+        if context.allocation == "uniform":
+            ranks = allocation.uniform_ranks(shapes, params)
+            report.allocation = f"uniform rank for {params:g} of the parameters"
+        else:
+            spectra = {n: _spectrum(context.linears[n].weight, grams.get(n)) for n in shapes}
+            if context.batches is not None:
+                gains = output_sensitivity(context.model, context.batches[0], context.linears)
+                worth = {n: gains[n] * spectra[n].square() for n in shapes}
+                report.allocation = (f"global for {params:g} of the parameters: singular "
+                                     "values weighted by the output's sensitivity")  # fmt: skip
+            else:
+                worth = {n: spectra[n].square() for n in shapes}
+                report.allocation = (f"global for {params:g} of the parameters: least total "
+                                     "squared weight error")  # fmt: skip
+            ranks = allocation.greedy_ranks(worth, shapes, params)
+
+    def make(name, linear):
+        gram = grams.get(name)
+        if ranks is None:
+            layer = LowRankLinear.from_dense(linear, tol=tol, gram=gram, seed=config.seed)
+        else:
+            layer = LowRankLinear.from_dense(linear, ranks[name], gram=gram, seed=config.seed)
+        return layer, f"rank {layer.rank}"
+
+    return make
+
+
+def _spectrum(weight: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+    """All singular values of the weight (whitened by the input statistics), in float64."""
+    w = weight.detach().double()
+    if gram is not None:
+        w = w @ _whitener(gram, w.shape[1], w.device).factor
+    return torch.linalg.svdvals(w)
+
+
+def _describe(layer: LowRankLinear) -> dict:
+    return {"rank": layer.rank, "bias": layer.bias is not None}
+
+
+def _rebuild(linear: nn.Linear, d: dict) -> LowRankLinear:
+    return LowRankLinear(linear.in_features, linear.out_features, d["rank"], d["bias"],
+                         device=linear.weight.device, dtype=linear.weight.dtype)  # fmt: skip
+
+
+register_kind("lowrank", config=LowRankConfig, layers=LowRankLinear, plan=_plan,
+              describe=_describe, rebuild=_rebuild, calibration="optional")  # fmt: skip
 
 
 def _dense(linear_or_weight) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -11,6 +11,7 @@ uniform in ``+-1/sqrt(fan_in)`` (PyTorch's Linear rule per block).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,25 @@ from torch import nn
 from lowrank import _validate as check
 from lowrank.linalg.monarch import monarch_project
 from lowrank.nn._base import StructuredLinear
+from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 from lowrank.ops.monarch import monarch_matmul
+
+
+@dataclass
+class MonarchConfig(KindConfig):
+    """``convert(model, "monarch", ...)``: ``nblocks`` blocks per factor (at most the
+    layer's smaller size), and the rank of the projection's blocks: ``rank``, or the one
+    whose factors hold the call's ``params=`` fraction, or by default the rank of
+    ``MonarchLinear``'s own square blocks. With calibration data the fit weighs each input
+    feature by its root mean square on that data."""
+
+    nblocks: int = 4
+    rank: int | None = None
+
+    def __post_init__(self):
+        self.nblocks = check.positive_int("nblocks", self.nblocks)
+        if self.rank is not None:
+            self.rank = check.positive_int("rank", self.rank)
 
 
 class MonarchLinear(StructuredLinear):
@@ -29,7 +48,7 @@ class MonarchLinear(StructuredLinear):
         self,
         in_features: int,
         out_features: int,
-        nblocks: int = 4,
+        nblocks: int = MonarchConfig.nblocks,
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -153,3 +172,57 @@ class MonarchLinear(StructuredLinear):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"w1={tuple(self.w1.shape)}, w2={tuple(self.w2.shape)}, bias={self.bias is not None}"
         )
+
+
+# ---- the conversion kind ------------------------------------------------------------------------
+
+
+def _plan(context: ConversionContext, config: MonarchConfig):
+    if config.rank is not None and context.params is not None:
+        raise ValueError("convert to monarch takes rank= or params=, not both")
+    scales = {n: (g.diagonal() / max(1.0, float(g.diagonal().mean()))).sqrt().clamp_min(1e-6)
+              for n, g in context.grams.items()}  # fmt: skip
+    context.report.allocation = "uniform"
+
+    def make(name, linear):
+        out, inp = linear.weight.shape
+        k = max(1, min(config.nblocks, out, inp))
+        if config.rank is not None:
+            r = config.rank
+        elif context.params is not None:
+            r = _budget_rank(context.params, k, out, inp)
+        else:
+            r = _default_rank(k, out, inp)
+        scale = scales.get(name)
+        scale = None if scale is None else scale.to(linear.weight.dtype)
+        layer = MonarchLinear.from_dense(linear, k, r, input_scale=scale)
+        return layer, f"nblocks {k}, rank {r}"
+
+    return make
+
+
+def _default_rank(k: int, out: int, inp: int) -> int:
+    """The rank of MonarchLinear's own square blocks for this size."""
+    return max(1, min(math.ceil(inp / k), math.ceil(out / k)) // k)
+
+
+def _budget_rank(params: float, k: int, out: int, inp: int) -> int:
+    """The rank whose Monarch factors hold ``params`` of the layer's parameters:
+    ``k*l*r*(p + s)`` with ``l = k`` blocks of ``p = in/k`` inputs and ``s = out/k`` outputs."""
+    p, s = math.ceil(inp / k), math.ceil(out / k)
+    return max(1, min(int(params * out * inp / (k * k * (p + s))), p, s))
+
+
+def _describe(layer: MonarchLinear) -> dict:
+    return {"w1": list(layer.w1.shape), "w2": list(layer.w2.shape), "nblocks": layer.w1.shape[0],
+            "bias": layer.bias is not None}  # fmt: skip
+
+
+def _rebuild(linear: nn.Linear, d: dict) -> MonarchLinear:
+    return MonarchLinear(linear.in_features, linear.out_features, d["nblocks"], d["bias"],
+                         device=linear.weight.device, dtype=linear.weight.dtype,
+                         factor_shapes=(tuple(d["w1"]), tuple(d["w2"])))  # fmt: skip
+
+
+register_kind("monarch", config=MonarchConfig, layers=MonarchLinear, plan=_plan,
+              describe=_describe, rebuild=_rebuild, calibration="optional")  # fmt: skip

@@ -10,6 +10,7 @@ int32 flat indices (4 bytes per nonzero) when ``out * in`` fits.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch import nn
 from lowrank import _validate as check
 from lowrank.linalg.error import relative_residual
 from lowrank.nn._base import StructuredLinear
+from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 from lowrank.ops.sltrain import check_support, dense_sparse, sltrain_matmul
 
 
@@ -33,6 +35,25 @@ def random_support(out: int, inp: int, sparsity: float, seed: int | None, device
     return torch.sort(chosen).values.to(dtype=dtype, device=device)
 
 
+@dataclass
+class SLTrainConfig(KindConfig):
+    """``convert(model, "sltrain", ...)``: the low-rank part's ``rank`` (or the one that,
+    with the sparse part, keeps the call's ``params=`` fraction), the fraction ``sparsity``
+    of weights in the sparse part, the scale's numerator ``alpha`` and the support's
+    ``seed``. With calibration data the low-rank part fits the layer's outputs."""
+
+    rank: int | None = None
+    sparsity: float = 0.03
+    alpha: float = 32.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rank is not None:
+            self.rank = check.positive_int("rank", self.rank)
+        self.sparsity = check.real("sparsity", self.sparsity, 0.0, 1.0)
+        self.alpha = check.real("alpha", self.alpha)
+
+
 class SLTrainLinear(StructuredLinear):
     """``y = x @ (scale * B A + S).T + bias`` (see module docstring)."""
 
@@ -41,8 +62,8 @@ class SLTrainLinear(StructuredLinear):
         in_features: int,
         out_features: int,
         rank: int,
-        sparsity: float = 0.03,
-        alpha: float = 32.0,
+        sparsity: float = SLTrainConfig.sparsity,
+        alpha: float = SLTrainConfig.alpha,
         bias: bool = True,
         seed: int | None = None,
         device: torch.device | str | None = None,
@@ -93,8 +114,8 @@ class SLTrainLinear(StructuredLinear):
         cls,
         weight: torch.Tensor | nn.Linear,
         rank: int,
-        sparsity: float = 0.03,
-        alpha: float = 32.0,
+        sparsity: float = SLTrainConfig.sparsity,
+        alpha: float = SLTrainConfig.alpha,
         seed: int | None = None,
         *,
         gram: torch.Tensor | None = None,
@@ -168,3 +189,45 @@ class SLTrainLinear(StructuredLinear):
                 self.values = nn.Parameter(self.values.new_empty(indices.numel()))
                 self.indices = indices.to(self.indices.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# ---- the conversion kind ------------------------------------------------------------------------
+
+
+def _plan(context: ConversionContext, config: SLTrainConfig):
+    rank, params, sparsity = config.rank, context.params, config.sparsity
+    if (rank is None) == (params is None):
+        raise ValueError("sltrain needs exactly one of rank= and params=")
+    if params is not None and params <= sparsity:
+        raise ValueError(f"params={params:g} leaves nothing for the low-rank part: the sparse "
+                         f"part alone keeps sparsity={sparsity:g} of the parameters")  # fmt: skip
+    grams = context.grams
+    context.report.allocation = "uniform"
+
+    def make(name, linear):
+        out, inp = linear.weight.shape
+        r = rank if rank is not None else max(1, int((params - sparsity) * out * inp / (out + inp)))
+        r = min(r, out, inp)
+        layer = SLTrainLinear.from_dense(linear, r, sparsity, config.alpha, config.seed,
+                                         gram=grams.get(name))  # fmt: skip
+        return layer, f"rank {r}"
+
+    return make
+
+
+def _describe(layer: SLTrainLinear) -> dict:
+    return {"rank": layer.rank, "nnz": layer.indices.numel(), "alpha": layer.alpha,
+            "bias": layer.bias is not None}  # fmt: skip
+
+
+def _rebuild(linear: nn.Linear, d: dict) -> SLTrainLinear:
+    """The support and values come from the saved state; the support drawn here is only a
+    placeholder with the saved count of nonzeros (``int(sparsity * out * in) = nnz``)."""
+    out, inp = linear.out_features, linear.in_features
+    sparsity = (d["nnz"] + 0.5) / (out * inp)
+    return SLTrainLinear(inp, out, d["rank"], sparsity, d["alpha"], d["bias"], seed=0,
+                         device=linear.weight.device, dtype=linear.weight.dtype)  # fmt: skip
+
+
+register_kind("sltrain", config=SLTrainConfig, layers=SLTrainLinear, plan=_plan,
+              describe=_describe, rebuild=_rebuild, calibration="optional")  # fmt: skip
