@@ -11,6 +11,7 @@
 #include <string>
 
 #include "device.cuh"
+#include "launch.h"
 #include "lowrank/common.h"
 
 namespace lowrank {
@@ -57,6 +58,22 @@ inline int multiprocessors(int device) {
   check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
              "cudaDeviceGetAttribute");
   return count;
+}
+
+inline DeviceLimits device_limits(int device) {
+  return {max_shared_bytes(device), multiprocessors(device)};
+}
+
+// Whether the tensor-core kernels can run on `device` (defined in kron.cu): compute
+// capability 8.0 or newer, and device code built for it (LOWRANK_TENSOR_CORE_ARCH).
+bool tensor_cores(int device);
+
+// Launchers of tensor-core kernels call this first: a clean error instead of a launch.
+inline void require_tensor_cores(int device, const char* name) {
+  if (!tensor_cores(device))
+    throw std::invalid_argument(std::string(name) +
+                                ": the tensor-core kernels need compute capability 8.0 or newer "
+                                "and a build for it (LOWRANK_CUDA_ARCHS)");
 }
 
 // Checks that `bytes` of dynamic shared memory fit on the device and allows them.

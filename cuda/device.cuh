@@ -9,9 +9,22 @@
 #include <mma.h>  // nvcuda::wmma (tests/cuda_emulation/wmma.h on the CPU)
 #endif
 
-// Dynamic shared memory of a kernel, as float32 words.
+// Dynamic shared memory of a kernel, as float32 words, 128-byte aligned: WMMA loads and
+// stores need 32-byte aligned pointers, and the kernels carve regions whose offsets are
+// multiples of 32 bytes out of it (the default alignment would be the element's, 4 bytes).
 #ifndef LOWRANK_SHARED_FLOATS
-#define LOWRANK_SHARED_FLOATS(name) extern __shared__ float name[]
+#define LOWRANK_SHARED_FLOATS(name) extern __shared__ __align__(128) float name[]
+#endif
+
+// The tensor-core (WMMA) kernels need compute capability 8.0 (bfloat16 fragments). When
+// device code is compiled for an older target (LOWRANK_CUDA_ARCHS=70 or 75), their bodies
+// are left out and `lowrank::tensor_cores(device)` reports false for a GPU running that
+// code, so the launchers refuse and the dispatch skips them; every other kernel is built.
+// Host code and the CPU emulation (no __CUDA_ARCH__) see the full kernels.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define LOWRANK_TENSOR_CORE_ARCH 0
+#else
+#define LOWRANK_TENSOR_CORE_ARCH 1
 #endif
 
 namespace lowrank {

@@ -20,11 +20,11 @@
 // has been timed on a GPU yet: the dispatch measures them against cuBLAS.
 #include <pybind11/pybind11.h>
 
-#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "common.cuh"
-#include "kron_kernels.cuh"
+#include "kron_launch.h"
 
 namespace py = pybind11;
 
@@ -43,13 +43,12 @@ void kron_matmul_cuda(int dtype, std::uintptr_t x, std::uintptr_t a, std::uintpt
   cudaStream_t stream = use_device(device, stream_handle);
   if (tokens == 0) return;
   const KronDims d{p, q, r, s};
+  const KronLaunch plan = kron_forward_launch(tokens, d, device_limits(device));
   dispatch_cuda_float(static_cast<DType>(dtype), [&](auto tag) {
     using T = decltype(tag);
     auto kernel = kron_forward_kernel<T>;
-    const size_t bytes = size_t(d.forward_words()) * sizeof(float);
-    allow_shared(kernel, bytes, device, "kron_matmul");
-    const int64_t grid = std::min<int64_t>(tokens, int64_t(multiprocessors(device)) * 8);
-    kernel<<<unsigned(grid), kKronThreads, bytes, stream>>>(
+    allow_shared(kernel, size_t(plan.smem_bytes), device, "kron_matmul");
+    kernel<<<unsigned(plan.grid), kKronThreads, size_t(plan.smem_bytes), stream>>>(
         as_ptr<const T>(x), as_ptr<const T>(a), as_ptr<const T>(b), as_ptr<const T>(addend),
         float(scale), as_ptr<T>(y), tokens, d);
     check_launch("kron_forward_kernel");
@@ -62,13 +61,12 @@ void kron_factor_grads_cuda(int dtype, std::uintptr_t dy, std::uintptr_t x, std:
   cudaStream_t stream = use_device(device, stream_handle);
   if (tokens == 0) return;
   const KronDims d{p, q, r, s};
+  const KronLaunch plan = kron_factor_grads_launch(tokens, d, device_limits(device));
   dispatch_cuda_float(static_cast<DType>(dtype), [&](auto tag) {
     using T = decltype(tag);
     auto kernel = kron_factor_grads_kernel<T>;
-    const size_t bytes = size_t(d.backward_words()) * sizeof(float);
-    allow_shared(kernel, bytes, device, "kron_matmul backward");
-    const int64_t grid = std::min<int64_t>(tokens, int64_t(multiprocessors(device)) * 4);
-    kernel<<<unsigned(grid), kKronThreads, bytes, stream>>>(
+    allow_shared(kernel, size_t(plan.smem_bytes), device, "kron_matmul backward");
+    kernel<<<unsigned(plan.grid), kKronThreads, size_t(plan.smem_bytes), stream>>>(
         as_ptr<const T>(dy), as_ptr<const T>(x), as_ptr<const T>(a), as_ptr<const T>(b),
         as_ptr<float>(da), as_ptr<float>(db), tokens, d);
     check_launch("kron_factor_grads_kernel");
@@ -77,22 +75,33 @@ void kron_factor_grads_cuda(int dtype, std::uintptr_t dy, std::uintptr_t x, std:
 
 // ---- tensor-core kernels ----------------------------------------------------------------------
 
-// Tokens per tile for the tensor-core kernels: the most, up to 8, whose padded operands fit
-// the device's shared memory; 0 when not even one token fits (the dispatch skips them then).
-int kron_tc_tile(int p, int q, int r, int s, bool grads, int device) {
-  const int64_t limit = max_shared_bytes(device);
-  for (int tile = 8; tile >= 1; tile /= 2) {
-    const KronTcDims d{p, q, r, s, tile};
-    if ((grads ? d.grads_bytes() : d.forward_bytes()) <= limit) return tile;
-  }
-  return 0;
-}
-
+// Device code built for an older target (LOWRANK_TENSOR_CORE_ARCH) runs on a newer GPU
+// through PTX compiled at load time, without the tensor-core kernels; the PTX version a
+// kernel was built from says which code the GPU runs. All kernels of the module share it.
+// The answer is remembered per device: the launchers ask on every call.
 bool tensor_cores(int device) {
+  constexpr int kRemembered = 64;
+  static std::atomic<int> known[kRemembered] = {};  // 0: not asked yet, 1: no, 2: yes
+  if (device >= 0 && device < kRemembered && known[device].load(std::memory_order_relaxed) != 0)
+    return known[device].load(std::memory_order_relaxed) == 2;
   int major = 0;
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
              "cudaDeviceGetAttribute");
-  return major >= 8;  // bfloat16 WMMA needs sm_80
+  bool usable = false;
+  if (major >= 8) {
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    cudaFuncAttributes attributes{};
+    check_cuda(cudaFuncGetAttributes(&attributes, kron_forward_tc_kernel<__half>),
+               "cudaFuncGetAttributes");
+    usable = attributes.ptxVersion >= 80;
+  }
+  if (device >= 0 && device < kRemembered)
+    known[device].store(usable ? 2 : 1, std::memory_order_relaxed);
+  return usable;
+}
+
+int kron_tc_tile_on(int p, int q, int r, int s, bool grads, int device) {
+  return kron_tc_tile(p, q, r, s, grads, max_shared_bytes(device));
 }
 
 template <typename Fn>
@@ -111,28 +120,25 @@ void kron_matmul_tc_cuda(int dtype, std::uintptr_t x, std::uintptr_t a, std::uin
                          int p, int q, int r, int s, int device, std::uintptr_t stream_handle) {
   cudaStream_t stream = use_device(device, stream_handle);
   if (tokens == 0) return;
-  const int tile = kron_tc_tile(p, q, r, s, false, device);
-  if (tile == 0) throw std::invalid_argument("kron_matmul: factors too large for shared memory");
-  const KronTcDims d{p, q, r, s, tile};
+  require_tensor_cores(device, "kron_matmul");
+  const KronTcLaunch plan = kron_tc_launch(tokens, p, q, r, s, false, device_limits(device));
+  if (plan.dims.tile == 0)
+    throw std::invalid_argument("kron_matmul: factors too large for shared memory");
+  if (plan.grid == 0) return;
   dispatch_tc_dtype(static_cast<DType>(dtype), [&](auto tag) {
     using T = decltype(tag);
     auto kernel = kron_forward_tc_kernel<T>;
-    const size_t bytes = size_t(d.forward_bytes());
-    allow_shared(kernel, bytes, device, "kron_matmul");
-    const int64_t tiles = (tokens + tile - 1) / tile;
-    const int64_t grid = std::min<int64_t>(tiles, int64_t(multiprocessors(device)) * 2);
-    kernel<<<unsigned(grid), kKronTcThreads, bytes, stream>>>(
+    allow_shared(kernel, size_t(plan.smem_bytes), device, "kron_matmul");
+    kernel<<<unsigned(plan.grid), kKronTcThreads, size_t(plan.smem_bytes), stream>>>(
         as_ptr<const T>(x), as_ptr<const T>(a), as_ptr<const T>(b), as_ptr<const T>(addend),
-        float(scale), as_ptr<T>(y), tokens, d);
+        float(scale), as_ptr<T>(y), tokens, plan.dims);
     check_launch("kron_forward_tc_kernel");
   });
 }
 
 // Blocks of the factor-gradient kernel; its workspace holds blocks * (p q + r s) floats.
 int64_t kron_tc_grad_blocks(int64_t tokens, int p, int q, int r, int s, int device) {
-  const int tile = kron_tc_tile(p, q, r, s, true, device);
-  if (tile == 0 || tokens == 0) return 0;
-  return std::min<int64_t>((tokens + tile - 1) / tile, int64_t(multiprocessors(device)) * 2);
+  return kron_tc_launch(tokens, p, q, r, s, true, device_limits(device)).grid;
 }
 
 void kron_factor_grads_tc_cuda(int dtype, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t a,
@@ -140,34 +146,32 @@ void kron_factor_grads_tc_cuda(int dtype, std::uintptr_t dy, std::uintptr_t x, s
                                std::uintptr_t workspace, int64_t tokens, int p, int q, int r, int s,
                                int device, std::uintptr_t stream_handle) {
   cudaStream_t stream = use_device(device, stream_handle);
-  const int64_t blocks = kron_tc_grad_blocks(tokens, p, q, r, s, device);
-  if (blocks == 0) {
-    if (tokens != 0)
-      throw std::invalid_argument("kron_matmul backward: factors too large for shared memory");
+  if (tokens == 0) {  // zero gradients
     check_cuda(cudaMemsetAsync(as_ptr<float>(da), 0, sizeof(float) * size_t(p) * q, stream),
                "cudaMemsetAsync");
     check_cuda(cudaMemsetAsync(as_ptr<float>(db), 0, sizeof(float) * size_t(r) * s, stream),
                "cudaMemsetAsync");
     return;
   }
-  const KronTcDims d{p, q, r, s, kron_tc_tile(p, q, r, s, true, device)};
+  require_tensor_cores(device, "kron_matmul backward");
+  const KronTcLaunch plan = kron_tc_launch(tokens, p, q, r, s, true, device_limits(device));
+  if (plan.dims.tile == 0)
+    throw std::invalid_argument("kron_matmul backward: factors too large for shared memory");
   float* partial_da = as_ptr<float>(workspace);
-  float* partial_db = partial_da + blocks * p * q;
+  float* partial_db = partial_da + plan.partial_db_offset();
   dispatch_tc_dtype(static_cast<DType>(dtype), [&](auto tag) {
     using T = decltype(tag);
     auto kernel = kron_factor_grads_tc_kernel<T>;
-    const size_t bytes = size_t(d.grads_bytes());
-    allow_shared(kernel, bytes, device, "kron_matmul backward");
-    kernel<<<unsigned(blocks), kKronTcThreads, bytes, stream>>>(
+    allow_shared(kernel, size_t(plan.smem_bytes), device, "kron_matmul backward");
+    kernel<<<unsigned(plan.grid), kKronTcThreads, size_t(plan.smem_bytes), stream>>>(
         as_ptr<const T>(dy), as_ptr<const T>(x), as_ptr<const T>(a), as_ptr<const T>(b), partial_da,
-        partial_db, tokens, d);
+        partial_db, tokens, plan.dims);
     check_launch("kron_factor_grads_tc_kernel");
   });
-  const int reduce_blocks = multiprocessors(device);
-  kron_reduce_partials_kernel<<<reduce_blocks, kKronTcThreads, 0, stream>>>(
-      partial_da, int(blocks), int64_t(p) * q, as_ptr<float>(da));
-  kron_reduce_partials_kernel<<<reduce_blocks, kKronTcThreads, 0, stream>>>(
-      partial_db, int(blocks), int64_t(r) * s, as_ptr<float>(db));
+  kron_reduce_partials_kernel<<<unsigned(plan.reduce_grid), kKronTcThreads, 0, stream>>>(
+      partial_da, int(plan.grid), int64_t(p) * q, as_ptr<float>(da));
+  kron_reduce_partials_kernel<<<unsigned(plan.reduce_grid), kKronTcThreads, 0, stream>>>(
+      partial_db, int(plan.grid), int64_t(r) * s, as_ptr<float>(db));
   check_launch("kron_reduce_partials_kernel");
 }
 
@@ -177,7 +181,7 @@ void bind_kron(py::module_& m) {
   m.def("kron_factor_grads_tc", &kron_factor_grads_tc_cuda,
         py::call_guard<py::gil_scoped_release>(),
         "da, db (float32) of kron_matmul on tensor cores, deterministic (no atomics).");
-  m.def("kron_tc_tile", &kron_tc_tile);
+  m.def("kron_tc_tile", &kron_tc_tile_on);
   m.def("kron_tc_smem_bytes", [](int p, int q, int r, int s, bool grads) {
     const KronTcDims d{p, q, r, s, 1};
     return grads ? d.grads_bytes() : d.forward_bytes();

@@ -273,6 +273,7 @@ __global__ void __launch_bounds__(kKronTcThreads)
     kron_forward_tc_kernel(const T* __restrict__ x, const T* __restrict__ a,
                            const T* __restrict__ b, const T* addend, float scale, T* y,
                            int64_t tokens, KronTcDims d) {
+#if LOWRANK_TENSOR_CORE_ARCH
   // addend may alias y: each element is read before it is written, by the same thread.
   LOWRANK_SHARED_FLOATS(smem_words);
   char* smem = reinterpret_cast<char*>(smem_words);
@@ -283,7 +284,6 @@ __global__ void __launch_bounds__(kKronTcThreads)
   float* f = regions.f;  // Z, then Y
   stage_padded(as, a, p, q, pp, qp);
   stage_padded(bs, b, r, s, rp, sp);
-  const T zero = from_float<T>(0.f);
   for (int64_t t0 = int64_t(blockIdx.x) * d.tile; t0 < tokens; t0 += int64_t(gridDim.x) * d.tile) {
     const int live = int(tokens - t0 < d.tile ? tokens - t0 : d.tile);
     __syncthreads();  // the previous tile is done with xs, zh and f
@@ -304,6 +304,9 @@ __global__ void __launch_bounds__(kKronTcThreads)
       y[out] = from_float<T>(addend ? v + to_float(addend[out]) : v);
     }
   }
+#else
+  __trap();  // not built for this target: tensor_cores() is false, never launched
+#endif
 }
 
 // da = sum_t dY_t Z_t^T and db = sum_t G_t^T X_t (G_t = a^T dY_t), each block summing its
@@ -316,6 +319,7 @@ __global__ void __launch_bounds__(kKronTcThreads)
                                 const T* __restrict__ a, const T* __restrict__ b,
                                 float* __restrict__ partial_da, float* __restrict__ partial_db,
                                 int64_t tokens, KronTcDims d) {
+#if LOWRANK_TENSOR_CORE_ARCH
   using nvcuda::wmma::col_major;
   using nvcuda::wmma::row_major;
   LOWRANK_SHARED_FLOATS(smem_words);
@@ -383,6 +387,9 @@ __global__ void __launch_bounds__(kKronTcThreads)
     my_da[e] = da_acc[(e / q) * qp + (e - (e / q) * q)];
   for (int e = threadIdx.x; e < r * s; e += blockDim.x)
     my_db[e] = db_acc[(e / s) * sp + (e - (e / s) * s)];
+#else
+  __trap();  // not built for this target: tensor_cores() is false, never launched
+#endif
 }
 
 // out[e] = sum over blocks of partial[block][e], in block order (deterministic).

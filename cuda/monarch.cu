@@ -2,22 +2,17 @@
 // Storage float32/float16/bfloat16, float32 accumulation.
 #include <pybind11/pybind11.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <type_traits>
 
 #include "common.cuh"
-#include "monarch_kernels.cuh"
+#include "monarch_launch.h"
 
 namespace py = pybind11;
 
 namespace lowrank {
 namespace {
-
-unsigned blocks_for(int64_t work, int device, int per_sm) {
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>(work, multiprocessors(device) * per_sm)));
-}
 
 void monarch_matmul_cuda(int dtype, std::uintptr_t x, std::uintptr_t w1, std::uintptr_t w2,
                          std::uintptr_t y, int64_t tokens, int k, int q, int p, int l, int s, int r,
@@ -25,11 +20,12 @@ void monarch_matmul_cuda(int dtype, std::uintptr_t x, std::uintptr_t w1, std::ui
   cudaStream_t stream = use_device(device, stream_handle);
   if (tokens == 0) return;
   const MonarchDims d{k, q, p, l, s, r};
+  const MonarchLaunch plan = monarch_forward_launch(tokens, d, device_limits(device));
   dispatch_cuda_float(static_cast<DType>(dtype), [&](auto tag) {
     using T = decltype(tag);
-    const size_t bytes = size_t(d.in() + d.mid()) * sizeof(float);
+    const size_t bytes = size_t(plan.smem_bytes);
     allow_shared(monarch_forward_kernel<T>, bytes, device, "monarch_matmul");
-    monarch_forward_kernel<T><<<blocks_for(tokens, device, 8), kMonarchThreads, bytes, stream>>>(
+    monarch_forward_kernel<T><<<unsigned(plan.grid), kMonarchThreads, bytes, stream>>>(
         as_ptr<const T>(x), as_ptr<const T>(w1), as_ptr<const T>(w2), as_ptr<T>(y), tokens, d);
     check_launch("monarch_forward_kernel");
   });
@@ -44,34 +40,30 @@ void monarch_backward_cuda(int dtype, std::uintptr_t dy, std::uintptr_t x, std::
   cudaStream_t stream = use_device(device, stream_handle);
   if (tokens == 0) return;
   const MonarchDims d{k, q, p, l, s, r};
+  const MonarchBackwardLaunch plan = monarch_backward_launch(tokens, d, device_limits(device));
   float* h = as_ptr<float>(workspace);
-  float* dh = h + tokens * d.mid();
+  float* dh = h + plan.dh_offset;
   dispatch_cuda_float(static_cast<DType>(dtype), [&](auto tag) {
     using T = decltype(tag);
-    const size_t bytes = size_t(d.in()) * sizeof(float);
+    const size_t bytes = size_t(plan.smem_bytes);
     allow_shared(monarch_backward_mid_kernel<T>, bytes, device, "monarch_matmul backward");
-    monarch_backward_mid_kernel<T>
-        <<<blocks_for(tokens, device, 8), kMonarchThreads, bytes, stream>>>(
-            as_ptr<const T>(dy), as_ptr<const T>(x), as_ptr<const T>(w1), as_ptr<const T>(w2),
-            dw2 ? h : nullptr, dh, tokens, d);
+    monarch_backward_mid_kernel<T><<<unsigned(plan.token_grid), kMonarchThreads, bytes, stream>>>(
+        as_ptr<const T>(dy), as_ptr<const T>(x), as_ptr<const T>(w1), as_ptr<const T>(w2),
+        dw2 ? h : nullptr, dh, tokens, d);
     check_launch("monarch_backward_mid_kernel");
     if (dx) {
-      monarch_backward_dx_kernel<T><<<blocks_for(tokens, device, 8), kMonarchThreads, 0, stream>>>(
+      monarch_backward_dx_kernel<T><<<unsigned(plan.token_grid), kMonarchThreads, 0, stream>>>(
           dh, as_ptr<const T>(w1), as_ptr<T>(dx), tokens, d);
       check_launch("monarch_backward_dx_kernel");
     }
     if (dw1) {
-      const int64_t count = d.mid() * d.p;
-      monarch_backward_dw1_kernel<T>
-          <<<blocks_for((count + kMonarchThreads - 1) / kMonarchThreads, device, 8),
-             kMonarchThreads, 0, stream>>>(dh, as_ptr<const T>(x), as_ptr<float>(dw1), tokens, d);
+      monarch_backward_dw1_kernel<T><<<unsigned(plan.dw1_grid), kMonarchThreads, 0, stream>>>(
+          dh, as_ptr<const T>(x), as_ptr<float>(dw1), tokens, d);
       check_launch("monarch_backward_dw1_kernel");
     }
     if (dw2) {
-      const int64_t count = int64_t(d.l) * d.s * d.r;
-      monarch_backward_dw2_kernel<T>
-          <<<blocks_for((count + kMonarchThreads - 1) / kMonarchThreads, device, 8),
-             kMonarchThreads, 0, stream>>>(as_ptr<const T>(dy), h, as_ptr<float>(dw2), tokens, d);
+      monarch_backward_dw2_kernel<T><<<unsigned(plan.dw2_grid), kMonarchThreads, 0, stream>>>(
+          as_ptr<const T>(dy), h, as_ptr<float>(dw2), tokens, d);
       check_launch("monarch_backward_dw2_kernel");
     }
   });
@@ -87,9 +79,11 @@ void monarch_matmul_tc_cuda(int dtype, std::uintptr_t src, std::uintptr_t w1, st
                             int r, bool transposed, int device, std::uintptr_t stream_handle) {
   cudaStream_t stream = use_device(device, stream_handle);
   if (tokens == 0) return;
+  require_tensor_cores(device, "monarch_matmul");
   const MonarchTcDims d{k, q, p, l, s, r, transposed};
-  const size_t bytes = size_t(d.smem_bytes());
-  const unsigned grid = blocks_for((tokens + kMonarchTile - 1) / kMonarchTile, device, 2);
+  const MonarchLaunch plan = monarch_tc_launch(tokens, d, device_limits(device));
+  const size_t bytes = size_t(plan.smem_bytes);
+  const unsigned grid = unsigned(plan.grid);
   auto launch = [&](auto tag, auto direction) {
     using T = decltype(tag);
     constexpr bool kTransposed = decltype(direction)::value;

@@ -224,6 +224,7 @@ template <typename T, bool kTransposed>
 __global__ void __launch_bounds__(kMonarchTcThreads)
     monarch_tc_kernel(const T* __restrict__ src, const T* __restrict__ w1, const T* __restrict__ w2,
                       T* __restrict__ dst, int64_t tokens, MonarchTcDims d) {
+#if LOWRANK_TENSOR_CORE_ARCH
   using namespace nvcuda;
   LOWRANK_SHARED_FLOATS(smem_words);
   char* smem = reinterpret_cast<char*>(smem_words);
@@ -317,6 +318,9 @@ __global__ void __launch_bounds__(kMonarchTcThreads)
       dst[(t0 + t) * out + o] = zh[b * region + t * zw + row];
     }
   }
+#else
+  __trap();  // not built for this target: tensor_cores() is false, never launched
+#endif
 }
 
 }  // namespace lowrank
