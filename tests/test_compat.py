@@ -133,3 +133,27 @@ def test_randomized_svd_dtypes_sparse_and_arguments():
         randomized_svd(bad, 2)
     with pytest.raises(ValueError, match="2D"):
         randomized_svd(a[0], 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_complex_input_as_torch(dtype):
+    """Complex A, as torch.svd_lowrank / pca_lowrank take it: V with A ~ U diag(S) V^H, S
+    real, at least as accurate as torch's; batched, with M, and q = 0."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(60, 6, generator=g, dtype=dtype) @ torch.randn(6, 40, generator=g, dtype=dtype)
+    a = a + 1e-3 * torch.randn(60, 40, generator=g, dtype=dtype)
+    torch.manual_seed(0)
+    ours, theirs = svd_lowrank(a, q=6), torch.svd_lowrank(a, q=6)
+    assert [(t.shape, t.dtype) for t in ours] == [(t.shape, t.dtype) for t in theirs]
+    u, s, v = ours
+    assert s.dtype == dtype.to_real()
+    tol = 1e-5 if dtype == torch.complex64 else 1e-12
+    optimum = float(torch.linalg.svdvals(a)[6:].square().sum().sqrt())
+    assert float((a - (u * s.to(dtype)) @ v.mH).norm()) <= 1.01 * optimum + tol * float(a.norm())
+    mean = a.mean(0, keepdim=True)
+    batch = svd_lowrank(torch.stack([a, 2 * a]), q=4, M=mean)
+    assert batch[0].shape == (2, 60, 4) and batch[1].dtype == dtype.to_real()
+    _, s_pca, _ = pca_lowrank(a, q=4)
+    assert torch.allclose(s_pca, torch.linalg.svdvals(a - mean)[:4], rtol=tol * 10)
+    empty = svd_lowrank(a, q=0)
+    assert [t.shape for t in empty] == [(60, 0), (0,), (40, 0)] and empty[1].dtype == s.dtype

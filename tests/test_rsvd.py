@@ -267,6 +267,28 @@ def test_unnormalised_power_iterations_are_scale_invariant(exponent):
     assert error(scaled, u, s, vh) <= 1e-4 * float(scaled.double().norm())
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_complex_matrices(dtype):
+    """Complex A, every normaliser and sketch, both orientations: near-optimal error, real S,
+    and each column of U with its largest entry real and positive."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(80, 8, generator=g, dtype=dtype) @ torch.randn(8, 50, generator=g, dtype=dtype)
+    a = a + 1e-3 * torch.randn(80, 50, generator=g, dtype=dtype)
+    tol = 1e-5 if dtype == torch.complex64 else 1e-12
+    for x in (a, a.mT):
+        optimum = float(torch.linalg.svdvals(x)[6:].square().sum().sqrt())
+        for normalizer in ("auto", "qr", "lu", "none"):
+            for sketch in ("gaussian", "srht", "sparse_sign"):
+                u, s, vh = rsvd(x, 6, normalizer=normalizer, sketch=sketch, seed=0)
+                assert s.dtype == dtype.to_real() and u.dtype == vh.dtype == dtype
+                residual = float((x - (u * s.to(dtype)) @ vh).norm())
+                assert residual <= 1.01 * optimum + tol * float(x.norm()), (normalizer, sketch)
+                top = u.gather(0, u.abs().argmax(0, keepdim=True))
+                assert float(top.imag.abs().max()) <= tol and bool((top.real > 0).all())
+    u, s, vh = rsvd(a, 4, tol=1e-2, seed=0)
+    assert float((a - (u * s.to(dtype)) @ vh).norm()) <= 1e-2 * float(a.norm())
+
+
 def test_warm_start_tracks_a_subspace():
     a = matrix_with_spectrum(SPECTRA["fast"](60), 80, 60)
     u0, _, _ = rsvd(a, 6, seed=0)

@@ -1,10 +1,11 @@
 """Drop-in replacements with the signatures and conventions of the functions they replace.
 
 - :func:`svd_lowrank` and :func:`pca_lowrank`: ``torch.svd_lowrank`` / ``torch.pca_lowrank``
-  (``U, S, V`` with ``A ~ U diag(S) V^T``; random numbers from torch's global generator,
+  (``U, S, V`` with ``A ~ U diag(S) V^H``; random numbers from torch's global generator,
   so ``torch.manual_seed`` makes them repeatable). They run :func:`lowrank.linalg.rsvd`,
   which oversamples (``q + 10`` sketch columns, capped by the matrix size) where torch
   uses exactly ``q``: the first ``q`` triplets are more accurate for the same ``niter``.
+  Real and complex input (dense; sparse input must be real).
 - :func:`randomized_svd`: ``sklearn.utils.extmath.randomized_svd`` (NumPy or SciPy sparse in,
   NumPy out, ``Vh`` rows; scikit-learn's dtype rules, ``n_iter="auto"`` and sign
   convention: the largest entry of each column of ``U`` is positive).
@@ -50,8 +51,9 @@ def _shape(a) -> tuple[int, int]:
 def svd_lowrank(A: torch.Tensor, q: int | None = 6, niter: int | None = 2,
                 M: torch.Tensor | None = None):  # fmt: skip
     """``torch.svd_lowrank``: ``(U, S, V)`` of rank ``k = min(q, m, n)`` with
-    ``A - M ~ U diag(S) V^T``; ``A`` dense (batched) or sparse, ``M`` (optional) broadcast to
-    ``A``'s shape. ``niter`` power iterations, ``q + 10`` sketch columns."""
+    ``A - M ~ U diag(S) V^H``; ``A`` dense (batched, real or complex) or sparse (real),
+    ``M`` (optional) broadcast to ``A``'s shape. ``niter`` power iterations, ``q + 10``
+    sketch columns."""
     m, n = _shape(A)
     q = 6 if q is None else check.integer("q", q, 0)
     niter = 2 if niter is None else max(0, check.integer("niter", niter))
@@ -64,7 +66,7 @@ def svd_lowrank(A: torch.Tensor, q: int | None = 6, niter: int | None = 2,
         return _empty(A, m, n, 0)
     u, s, vh = rsvd(A, k, oversample=min(OVERSAMPLE, min(m, n) - k), n_iter=niter,
                     seed=_torch_seed(A.device))  # fmt: skip
-    return u, s, vh.mT
+    return u, s, vh.mH
 
 
 def pca_lowrank(A: torch.Tensor, q: int | None = None, center: bool = True, niter: int = 2):
@@ -95,16 +97,16 @@ def pca_lowrank(A: torch.Tensor, q: int | None = None, center: bool = True, nite
     else:
         u, s, vh = rsvd(A - A.mean(dim=-2, keepdim=True), q, oversample=oversample,
                         n_iter=niter, seed=seed)  # fmt: skip
-    return u, s, vh.mT
+    return u, s, vh.mH
 
 
 def _empty(a, m, n, k):
-    dtype = a.dtype if a.dtype.is_floating_point else torch.float32
+    dtype = a.dtype if a.dtype.is_floating_point or a.dtype.is_complex else torch.float32
     lead = tuple(a.shape[:-2])
     kw = {"dtype": dtype, "device": a.device}
     return (
         torch.zeros(*lead, m, k, **kw),
-        torch.zeros(*lead, k, **kw),
+        torch.zeros(*lead, k, dtype=dtype.to_real(), device=a.device),
         torch.zeros(*lead, n, k, **kw),
     )
 

@@ -53,7 +53,7 @@ class Operator:
         return None if self._fro_sq is None else self._fro_sq()
 
     def transposed(self) -> Operator:
-        dense = None if self.dense is None else self.dense.mT
+        dense = None if self.dense is None else self.dense.mH
         return Operator(self.batch, self.n, self.m, self.dtype, self.device, self.rmatmat,
                         self.matmat, dense, self._fro_sq, self.scale_exponent)  # fmt: skip
 
@@ -71,12 +71,12 @@ def dense_operator(a: torch.Tensor, compute_dtype: torch.dtype) -> Operator:
     def matmat(x):
         return (a @ x.to(a.dtype)).to(compute_dtype) if low else a @ x
 
-    # A^T Y as (Y^T A)^T: BLAS runs the product with A untransposed 1.5x faster here.
+    # A^H Y as (Y^H A)^H: BLAS runs the product with A untransposed 1.5x faster here.
     def rmatmat(y):
-        return (y.mT.to(a.dtype) @ a).mT.to(compute_dtype) if low else (y.mT @ a).mT
+        return (y.mT.to(a.dtype) @ a).mT.to(compute_dtype) if low else (y.mH @ a).mH
 
     def fro_sq():
-        return a.double().square().sum(dim=(-2, -1))
+        return (a.abs() if a.is_complex() else a).double().square().sum(dim=(-2, -1))
 
     return Operator(a.shape[:-2], a.shape[-2], a.shape[-1], compute_dtype, a.device, matmat,
                     rmatmat, a, fro_sq)  # fmt: skip
@@ -137,6 +137,7 @@ def protocol_operator(op: LinearOperator, compute_dtype: torch.dtype) -> Operato
 
 
 SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
+COMPLEX = (torch.complex64, torch.complex128)
 
 
 def as_operator(a, compute_dtype: torch.dtype | None = None) -> Operator:
@@ -145,8 +146,15 @@ def as_operator(a, compute_dtype: torch.dtype | None = None) -> Operator:
     ``compute_dtype`` defaults to the input's dtype, float32 for float16/bfloat16.
     """
     if isinstance(a, torch.Tensor):
+        if a.dtype in COMPLEX and a.layout == torch.strided:
+            check.min_ndim("A", a, 2, "(..., m, n)")
+            if compute_dtype is not None and compute_dtype not in COMPLEX:
+                raise TypeError(f"compute_dtype must be complex for a complex A, got "
+                                f"{compute_dtype}")  # fmt: skip
+            return dense_operator(a, compute_dtype or a.dtype)
         if a.dtype not in check.FLOATING:
-            raise TypeError(f"A must be a floating tensor (float16 to float64), got {a.dtype}")
+            raise TypeError(f"A must be a floating tensor (float16 to float64, or a dense "
+                            f"complex64/complex128 one), got {a.dtype} ({a.layout})")  # fmt: skip
         dtype = compute_dtype or _default_compute(a.dtype)
         if a.layout == torch.strided:
             check.min_ndim("A", a, 2, "(..., m, n)")
@@ -155,8 +163,8 @@ def as_operator(a, compute_dtype: torch.dtype | None = None) -> Operator:
             return sparse_operator(a, dtype)
         raise ValueError(f"unsupported sparse layout {a.layout}; use sparse COO or CSR")
     if isinstance(a, LinearOperator):
-        if a.dtype not in check.FLOATING:
-            raise TypeError(f"the operator's dtype must be floating, got {a.dtype}")
+        if a.dtype not in check.FLOATING and a.dtype not in COMPLEX:
+            raise TypeError(f"the operator's dtype must be floating or complex, got {a.dtype}")
         return protocol_operator(a, compute_dtype or _default_compute(a.dtype))
     raise TypeError(
         "A must be a tensor (dense, sparse COO or CSR) or a LinearOperator "

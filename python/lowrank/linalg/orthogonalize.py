@@ -47,7 +47,7 @@ def _cholesky_pass(y: torch.Tensor, shift: bool) -> torch.Tensor | None:
 
 def _cholesky_qr(y: torch.Tensor, shift: bool):
     """``(Q, R)`` with ``Q = Y R^{-1}`` from one (shifted) Cholesky pass, or None."""
-    gram = y.mT @ y
+    gram = y.mH @ y
     if shift:
         m, l = y.shape[-2], y.shape[-1]
         eps = torch.finfo(y.dtype).eps
@@ -61,7 +61,7 @@ def _cholesky_qr(y: torch.Tensor, shift: bool):
     # a batched triangular solve with m-row right-hand sides runs matrix by matrix and
     # costs several times the GEMM, for the same forward error (cond(R) eps, which the
     # span check above bounds and the second pass removes).
-    r = factor.mT
+    r = factor.mH
     eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
     return y @ torch.linalg.solve_triangular(r, eye, upper=True), r
 
@@ -117,7 +117,8 @@ def times_power_of_two(y: torch.Tensor, exponent) -> torch.Tensor:
     half = exponent // 2
     if isinstance(exponent, int):
         return y * 2.0**half * 2.0 ** (exponent - half)
-    return y * torch.exp2(half.to(y.dtype)) * torch.exp2((exponent - half).to(y.dtype))
+    real = y.dtype.to_real()
+    return y * torch.exp2(half.to(real)) * torch.exp2((exponent - half).to(real))
 
 
 def rescale(y: torch.Tensor) -> torch.Tensor:

@@ -31,14 +31,14 @@ class _Centred:
         total = self._op.frobenius_sq()
         if total is None:
             return None
-        centred = total - self._op.m * self._mean.double().square().sum()
+        centred = total - self._op.m * self._mean.abs().double().square().sum()
         return float(centred.clamp_min(0.0).sqrt())
 
     def matmat(self, x):
         return self._op.matmat(x) - (self._mean @ x)[None, :]
 
     def rmatmat(self, y):
-        return self._op.rmatmat(y) - self._mean[:, None] * y.sum(dim=0, keepdim=True)
+        return self._op.rmatmat(y) - self._mean.conj()[:, None] * y.sum(dim=0, keepdim=True)
 
 
 def pca(A, rank: int, center: bool = True, mean: torch.Tensor | None = None, **rsvd_options):
@@ -67,7 +67,7 @@ def pca(A, rank: int, center: bool = True, mean: torch.Tensor | None = None, **r
         raise ValueError(f"A must have positive sizes, got {op.m} x {op.n}")
     if mean is None:
         ones = torch.ones(op.m, 1, dtype=op.dtype, device=op.device)
-        mean = op.rmatmat(ones)[:, 0] / op.m
+        mean = op.rmatmat(ones)[:, 0].conj() / op.m  # A^H 1 = conj(A^T 1)
     else:
         check.floating("mean", mean)
         check.ndim("mean", mean, 1, "the column means")
@@ -75,7 +75,7 @@ def pca(A, rank: int, center: bool = True, mean: torch.Tensor | None = None, **r
         mean = mean.to(dtype=op.dtype, device=op.device)
     u, s, vh = rsvd(_Centred(op, mean), rank, **rsvd_options)
     out = A.dtype if isinstance(A, torch.Tensor) else op.dtype
-    return u.to(out), s.to(out), vh.to(out)
+    return u.to(out), s.to(out.to_real()), vh.to(out)
 
 
 def _streamed(A, rank, *, oversample=10, n_iter=2, normalizer="auto", sketch="gaussian",

@@ -60,8 +60,9 @@ def rsvd(
     """Truncated SVD ``A ~ U diag(S) Vh`` of rank ``rank``, by randomized range finding.
 
     Args:
-        A: dense tensor ``(..., m, n)`` (batched), torch sparse COO/CSR ``(m, n)``, or a
-            :class:`lowrank.linalg.LinearOperator`.
+        A: dense tensor ``(..., m, n)`` (batched; real or complex), torch sparse COO/CSR
+            ``(m, n)``, or a :class:`lowrank.linalg.LinearOperator`. A complex ``A`` is
+            sketched with a real test matrix and gives ``A ~ U diag(S) Vh`` with ``S`` real.
         rank: number of singular triplets, ``1 <= rank <= min(m, n)``. With ``tol`` it
             is the block size by which the basis grows.
         oversample: extra sketch columns (``l = rank + oversample``).
@@ -94,8 +95,8 @@ def rsvd(
     Returns:
         ``(U, S, Vh)`` like ``torch.linalg.svd(A, full_matrices=False)`` truncated: ``U``
         ``(..., m, k)``, ``S`` ``(..., k)`` descending, ``Vh`` ``(..., k, n)``, on ``A``'s
-        device in its dtype. Each column of ``U`` has its largest-magnitude entry
-        positive (a deterministic sign).
+        device in its dtype (``S`` in the real one). Each column of ``U`` has its
+        largest-magnitude entry real and positive (a deterministic sign or phase).
     """
     rank, oversample, n_iter, max_rank = _check_options(rank, oversample, n_iter, normalizer,
                                                         sketch, tol, max_rank)  # fmt: skip
@@ -124,9 +125,9 @@ def rsvd(
         u, s, vh = _fixed_rank(op, rank, oversample, n_iter, normalizer, sketch, block_krylov,
                                init, seed)  # fmt: skip
     if transpose:
-        u, vh = vh.mT, u.mT
+        u, vh = vh.mH, u.mH
     u, vh = sign_convention(u, vh)
-    return u.to(out_dtype), s.to(out_dtype), vh.to(out_dtype)
+    return u.to(out_dtype), s.to(out_dtype.to_real()), vh.to(out_dtype)
 
 
 def _fixed_rank(op: Operator, rank, oversample, n_iter, normalizer, sketch, krylov, init, seed):
@@ -170,15 +171,15 @@ def _decompose(q: torch.Tensor, bt: torch.Tensor, rank: int):
     """
     qb, r = _qr_with_factor(bt)
     w, s, ubh = torch.linalg.svd(r)
-    u = q @ ubh.mT[..., :rank]
-    vh = (qb @ w[..., :rank]).mT
+    u = q @ ubh.mH[..., :rank]
+    vh = (qb @ w[..., :rank]).mH
     return u, s[..., :rank], vh
 
 
 def _qr_with_factor(bt: torch.Tensor):
     """``bt = Q R`` with Q orthonormal (CholeskyQR2, Householder when that fails)."""
     q = orthonormal(bt, "cholqr2")
-    r = q.mT @ bt
+    r = q.mH @ bt
     return q, r
 
 
@@ -218,7 +219,7 @@ def _fixed_accuracy(op: Operator, block, tol, max_rank, n_iter, normalizer, sket
                                       op.device)  # fmt: skip
         probes = op.matmat(omega)
         check_finite_product(probes)
-        norm_sq = probes.double().square().sum() / NORM_PROBES
+        norm_sq = _squares(probes).sum() / NORM_PROBES
     _, exponent = math.frexp(math.sqrt(float(norm_sq)))  # 0 for a zero, NaN or Inf norm
     if exponent:
         op = _scaled(op, -exponent)
@@ -234,27 +235,27 @@ def _fixed_accuracy(op: Operator, block, tol, max_rank, n_iter, normalizer, sket
         y = sketching.sketch_columns(op, k, sketch, block_seed(seed, index))
         check_finite_product(y)
         for _ in range(n_iter):  # power iterations on the residual A - Q B
-            z = normalize(op.rmatmat(y) - bt @ (q.mT @ y), normalizer)
-            y = op.matmat(z) - q @ (bt.mT @ z)
-        qi = orthonormal(y - q @ (q.mT @ y), normalizer)
-        qi = orthonormal(qi - q @ (q.mT @ qi), normalizer)  # re-orthogonalise once
+            z = normalize(op.rmatmat(y) - bt @ (q.mH @ y), normalizer)
+            y = op.matmat(z) - q @ (bt.mH @ z)
+        qi = orthonormal(y - q @ (q.mH @ y), normalizer)
+        qi = orthonormal(qi - q @ (q.mH @ qi), normalizer)  # re-orthogonalise once
         bti = op.rmatmat(qi)
         q, bt = torch.cat((q, qi), -1), torch.cat((bt, bti), -1)
         if probes is None:
-            energy = energy - bti.double().square().sum()
+            energy = energy - _squares(bti).sum()
         else:  # (A - Q B) Omega = (I - Q Q^T) A Omega
-            energy = (probes - q @ (q.mT @ probes)).double().square().sum() / NORM_PROBES
+            energy = _squares(probes - q @ (q.mH @ probes)).sum() / NORM_PROBES
         index += 1
     w, s, ubh = torch.linalg.svd(bt, full_matrices=False)
-    u = q @ ubh.mT
+    u = q @ ubh.mH
     if probes is None:
         tail = norm_sq - torch.cumsum(s.double().square(), 0)
     else:
-        captured = (u.mT @ probes).double().square().sum(-1) / NORM_PROBES
+        captured = _squares(u.mH @ probes).sum(-1) / NORM_PROBES
         tail = norm_sq - torch.cumsum(captured, 0)
     met = torch.nonzero(tail <= target)
     k = int(met[0]) + 1 if met.numel() else s.shape[0]
-    return u[:, :k], times_power_of_two(s[:k], exponent), w.mT[:k]
+    return u[:, :k], times_power_of_two(s[:k], exponent), w.mH[:k]
 
 
 def _scaled(op: Operator, exponent: int) -> Operator:
@@ -277,11 +278,17 @@ NORM_PROBES = 32
 
 
 def sign_convention(u: torch.Tensor, vh: torch.Tensor):
-    """Flips singular pairs so each column of ``u`` has its largest-magnitude entry positive."""
+    """Flips singular pairs so each column of ``u`` has its largest-magnitude entry positive
+    (complex: real and positive, the pair rotated by its phase)."""
     index = u.abs().argmax(dim=-2, keepdim=True)
-    signs = torch.sign(torch.gather(u, -2, index))
+    signs = torch.sgn(torch.gather(u, -2, index))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return u * signs, vh * signs.mT
+    return u * signs.conj(), vh * signs.mT
+
+
+def _squares(t: torch.Tensor) -> torch.Tensor:
+    """``|t|^2`` elementwise, in float64."""
+    return (t.abs() if t.is_complex() else t).double().square()
 
 
 def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:

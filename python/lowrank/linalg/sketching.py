@@ -55,7 +55,7 @@ def test_matrix(n: int, l: int, kind: str, seed: int, stream: int, dtype, device
 
 def sketch_columns(op, l: int, kind: str, seed: int, stream: int = STREAM_TEST_MATRIX):
     """``A @ Omega`` (``..., m x l``) for the operator ``op``."""
-    if kind in ("srht", "sparse_sign") and op.dense is not None:
+    if kind in ("srht", "sparse_sign") and op.dense is not None and not op.dtype.is_complex:
         a = op.dense
         rows = a.reshape(math.prod(a.shape[:-1]), op.n).to(op.dtype)
         if kind == "srht":
@@ -66,8 +66,9 @@ def sketch_columns(op, l: int, kind: str, seed: int, stream: int = STREAM_TEST_M
             y = ops.sparse_sign_rows(rows, cols, signs, l)
         y = y.reshape(*op.batch, op.m, l)
         return times_power_of_two(y, op.scale_exponent) if op.scale_exponent else y
-    omega = test_matrix(op.n, l, kind, seed, stream, op.dtype, op.device)
-    return op.matmat(omega)
+    # A complex A takes the real test matrix (the range finder needs no complex one).
+    omega = test_matrix(op.n, l, kind, seed, stream, op.dtype.to_real(), op.device)
+    return op.matmat(omega.to(op.dtype))
 
 
 def _srht_parts(n, l, seed, dtype, device):
