@@ -619,24 +619,20 @@ def _untimed(impl: Impl, sample: torch.Tensor, args: tuple) -> tuple[float, Any]
 
 class _Check:
     """The checks of one measurement (or of one static choice) of a key: each candidate's
-    output against the reference's (a composite path, trusted), with every run's output
-    discarded as NaN so that a later kernel which writes nothing cannot pass on the values
-    its freshly allocated output happens to hold.
+    output against the reference's (a composite path, trusted). Every output it discards
+    is overwritten with NaN, so that a later kernel which writes nothing cannot pass on
+    the values its freshly allocated output happens to hold.
 
     With ``reference=None`` (forced modes) nothing is checked, exceptions propagate and
-    outputs are left alone. Outputs returned to the caller are fresh tensors (ops return
+    outputs are left alone. An implementation's outputs are fresh tensors (the op returns
     them to the user), except those that alias an argument (an ``out_args`` buffer): those
-    are compared through copies and never overwritten here except to restore the result.
+    are compared through copies, and written here only to restore the checked result.
     """
 
     def __init__(self, dispatcher: Dispatcher, base: tuple, reference: Impl | None,
                  sample: torch.Tensor, args: tuple):  # fmt: skip
-        self.dispatcher, self.base, self.reference, self.sample = (
-            dispatcher,
-            base,
-            reference,
-            sample,
-        )
+        self.dispatcher, self.base, self.sample = dispatcher, base, sample
+        self.reference = reference
         self.failed: dict[str, str] = {}
         self.expected: Any = None  # the reference's first output, once it ran
         floating = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
