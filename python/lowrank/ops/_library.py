@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd import forward_ad
 
 _LIBRARIES: dict[str, torch.library.Library] = {}
@@ -222,12 +223,15 @@ def run_below(op: torch._ops.OpOverload, *args):
     return out if out._base is None else out.clone()
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def tracing(t: torch.Tensor) -> bool:
     """True while ``t`` stands for a value being traced rather than computed
     (``torch.compile``, ``torch.export``, ``opcheck``: fake, functional or meta tensors, sizes
     that may be symbolic), so nothing can be measured on it."""
-    from torch._subclasses.fake_tensor import is_fake
-
+    if type(t) in _PLAIN_TENSORS:  # the eager hot path: tracing wraps tensors in subclasses
+        return t.is_meta
     return torch.compiler.is_compiling() or t.is_meta or is_fake(t)
 
 
