@@ -19,6 +19,7 @@ from lowrank.nn import (
     MonarchLinear,
     SLTrainLinear,
     convert,
+    lora,
     unconvert,
 )
 
@@ -314,3 +315,110 @@ def test_unconvert_gives_plain_linears_with_the_same_function(kind, options):
     assert isinstance(model.get_submodule(LINEARS[0]), structured)
     unconvert(model)  # in place
     assert all(type(model.get_submodule(n)) is nn.Linear for n in LINEARS)
+
+
+# ---- reliability: each of these failed before its fix -------------------------------------------
+
+
+def test_converting_twice_never_wraps_an_adapters_base():
+    model = Toy()
+    convert(model, "lora", rank=2, progress=False)
+    with pytest.raises(ValueError, match="nothing to convert to lora"):
+        convert(model, "lora", rank=2, progress=False)
+    with pytest.raises(ValueError, match="nothing to convert to lowrank"):
+        convert(model, "lowrank", rank=2, progress=False)  # the base of an adapter stays
+    x = ids()
+    expected = model(x)
+    dense = unconvert(model, inplace=False)
+    assert all(type(m) is not lora.LoRAAdapter for m in dense.modules())
+    assert dense.blocks[0].q.bias is not None  # the bias survives
+    torch.testing.assert_close(dense(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_into_a_converted_base_raises_instead_of_losing_the_change():
+    adapter = lora.LoRAAdapter(nn.Linear(16, 16), 2)
+    with torch.no_grad():
+        adapter.B.normal_()
+    adapter.base = LowRankLinear.from_dense(adapter.base, 4)  # converted behind its back
+    with pytest.raises(RuntimeError, match="floating-point parameter"):
+        adapter.merge()
+    assert not adapter.merged
+    model = nn.Sequential(adapter)
+    x = torch.randn(3, 16)
+    expected = model(x)
+    torch.testing.assert_close(unconvert(model)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class OwnForwardLinear(nn.Linear):
+    """Stands for quantized layers (bitsandbytes' Linear8bitLt): a Linear whose forward
+    is its own (here it counts its calls)."""
+
+    calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return F.linear(x, self.weight, self.bias)
+
+
+def test_linear_with_its_own_forward_is_skipped_or_kept():
+    model = nn.Sequential(OwnForwardLinear(8, 8), nn.Linear(8, 8))
+    report = convert(model, "lowrank", rank=2, progress=False)
+    assert type(model[0]) is OwnForwardLinear and "forward of its own" in report.skipped[0].note
+    model = nn.Sequential(OwnForwardLinear(8, 8))
+    convert(model, "lora", rank=2, progress=False)
+    with torch.no_grad():
+        model[0].B.normal_()
+    x = torch.randn(4, 8)
+    expected = model(x)
+    unconvert(model)
+    assert type(model[0]) is OwnForwardLinear  # the base stays, with the change merged
+    calls = model[0].calls
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert model[0].calls == calls + 1
+
+
+@pytest.mark.parametrize(("kind", "size"), [("monarch", "rank"), ("kron", "terms")])
+def test_size_and_budget_together_raise(kind, size):
+    with pytest.raises(ValueError, match="not both"):
+        convert(Toy(), kind, params=0.9, progress=False, **{size: 1})
+
+
+def test_global_calibrated_allocation_with_a_frozen_integer_parameter():
+    model = Toy()
+    model.register_parameter("codes", nn.Parameter(torch.zeros(4, dtype=torch.int8),
+                                                   requires_grad=False))  # fmt: skip
+    report = convert(model, "lowrank", params=0.5, calibration=[ids()], progress=False)
+    assert report.layers and not model.codes.requires_grad
+
+
+class Overflowing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(self.a(x) * float("inf"))
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "monarch", "sltrain"])
+def test_non_finite_calibration_names_the_layer(kind):
+    options = {"monarch": {}, "sltrain": {"rank": 2}}.get(kind, {"rank": 2})
+    with pytest.raises(ValueError, match=r"'b'.*(NaN|Inf)"):
+        convert(Overflowing(), kind, calibration=[torch.randn(4, 8)], progress=False, **options)
+
+
+def test_nothing_to_convert_raises():
+    with pytest.raises(ValueError, match="itself an nn"):
+        convert(nn.Linear(4, 4), "lowrank", rank=1, progress=False)
+    with pytest.raises(ValueError, match="has no nn"):
+        convert(nn.Sequential(nn.ReLU()), "lowrank", rank=1, progress=False)
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2))
+    with pytest.raises(ValueError, match=r"every match was skipped.*MultiheadAttention"):
+        convert(mha, "lowrank", rank=1, progress=False)
+
+
+def test_budget_below_one_rank_per_layer_raises():
+    with pytest.raises(ValueError, match="below one rank per layer"):
+        convert(Toy(), "lowrank", params=1e-9, progress=False)
+    with pytest.raises(ValueError, match="nothing for the low-rank part"):
+        convert(Toy(), "sltrain", params=0.01, progress=False)

@@ -85,6 +85,15 @@ class AdapterLinear(OptionalExtraState):
         name = type(self).__name__
         if self.merged:
             raise RuntimeError(f"{name}.merge: the adapter is already merged")
+        if (
+            not isinstance(self.base.weight, nn.Parameter)
+            or not self.base.weight.is_floating_point()
+        ):
+            raise RuntimeError(
+                f"{name}.merge: the base layer ({type(self.base).__name__}) does not hold its "
+                "weight as a floating-point parameter, so the change cannot be added to it "
+                "exactly; unconvert the base layer first"
+            )
         merged = self.base.weight + self.delta_weight().to(self.base.weight.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError(f"{name}.merge: the merged weight would contain NaN or Inf")

@@ -176,7 +176,7 @@ def output_sensitivity(model, batch, layers, *, probes: int = 4, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     # Layer outputs need a graph even where every weight is frozen; the gradients are taken
     # with respect to those outputs only, so no parameter's .grad is touched.
-    frozen = [p for p in model.parameters() if not p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
     try:
         for p in frozen:
             p.requires_grad_(True)

@@ -341,16 +341,17 @@ def convert(
 
 
 def _nothing_to_convert(model: nn.Module, filter, report: ConversionReport) -> str:
+    head = f"nothing to convert to {report.kind}: "
     if isinstance(model, nn.Linear):
-        return ("the model is itself an nn.Linear: convert a module that holds it (e.g. "
-                "nn.Sequential(linear)), or use the layer's from_dense")  # fmt: skip
+        return head + ("the model is itself an nn.Linear: convert a module that holds it "
+                       "(e.g. nn.Sequential(linear)), or use the layer's from_dense")  # fmt: skip
+    own = " (lowrank's own layers and the bases of adapters are never targets)"
     if report.skipped:
         reasons = "; ".join(f"{r.name}: {r.note}" for r in report.skipped[:5])
-        return f"no layer to convert to {report.kind}: every match was skipped ({reasons})"
+        return head + f"every match was skipped ({reasons}){own}"
     if filter is not None:
-        return (f"no nn.Linear of the model matches filter={filter!r} (lowrank's own layers "
-                "and the bases of adapters are not targets)")  # fmt: skip
-    return "the model has no nn.Linear to convert (lowrank's own layers are not targets)"
+        return head + f"no nn.Linear of the model matches filter={filter!r}{own}"
+    return head + f"the model has no nn.Linear{own}"
 
 
 def _freeze_all_but(model: nn.Module, layers: list[nn.Module]) -> None:
