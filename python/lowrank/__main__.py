@@ -1,6 +1,6 @@
-"""``python -m lowrank`` prints what was built and what can run here."""
+"""``python -m lowrank <command>``: the command line (:mod:`lowrank.cli`); alone, it prints
+what was built and what can run here."""
 
-from lowrank import info
+from lowrank.cli import main
 
-for key, value in info().items():
-    print(f"{key:20s} {value}")
+raise SystemExit(main())
