@@ -17,6 +17,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -236,6 +237,7 @@ def targets() -> list[Target]:
                 "need_x": "bool",
                 "need_w1": "bool",
                 "need_w2": "bool",
+                "h": "tensor",
             },
             lambda: {
                 "grad": f32(5, 10),
@@ -243,7 +245,17 @@ def targets() -> list[Target]:
                 "need_x": True,
                 "need_w1": True,
                 "need_w2": True,
+                "h": f32(5, 12),
             },
+            through_torch_ops=True,
+        )
+    )
+    t.append(
+        Target(
+            "torch.ops.lowrank.monarch_matmul_with_h",
+            torch.ops.lowrank.monarch_matmul_with_h,
+            {"x": "tensor", "w1": "tensor", "w2": "tensor"},
+            lambda: dict(monarch),
             through_torch_ops=True,
         )
     )
@@ -263,6 +275,7 @@ def targets() -> list[Target]:
             "need_B": True,
             "need_A": True,
             "need_values": True,
+            "w": f32(6, 8),
         }
 
     t.append(
@@ -278,8 +291,26 @@ def targets() -> list[Target]:
                 "indices": "index",
                 "scale": "float",
                 "path": "int",
+                "w": "tensor",
             },
             sl_backward_valid,
+            through_torch_ops=True,
+        )
+    )
+    t.append(
+        Target(
+            "torch.ops.lowrank.sltrain_matmul_with_w",
+            torch.ops.lowrank.sltrain_matmul_with_w,
+            {
+                "x": "tensor",
+                "B": "tensor",
+                "A": "tensor",
+                "values": "tensor",
+                "indices": "index",
+                "scale": "float",
+                "bias": "tensor",
+            },
+            lambda: {k: v for k, v in sl_valid().items() if k != "path"},
             through_torch_ops=True,
         )
     )
@@ -512,7 +543,53 @@ def targets() -> list[Target]:
             lambda: {"dimension": 12, "factor": -1},
         )
     )
+    targets_of_conversion(t)
     return t
+
+
+def small_model():
+    return torch.nn.Sequential(linear(6, 8), torch.nn.ReLU(), linear(8, 4))
+
+
+def targets_of_conversion(t: list[Target]) -> None:
+    """Whole-model conversion, the kinds' configurations, and loading a saved model."""
+    t.append(
+        Target(
+            "nn.convert",
+            lambda model, kind, rank, params, filter, allocation: nn.convert(
+                model, kind, rank=rank, params=params, filter=filter, allocation=allocation,
+                progress=False,
+            ),
+            {"model": "module", "kind": "str", "rank": "int", "params": "float", "filter": "str",
+             "allocation": "str"},
+            lambda: {"model": small_model(), "kind": "lowrank", "rank": 2, "params": None,
+                     "filter": None, "allocation": "global"},
+        )
+    )  # fmt: skip
+    configs = (
+        (nn.LoRAConfig, {"rank": 2, "alpha": 4.0, "init": "pissa", "rho": 2.0},
+         {"rank": "int", "alpha": "float", "init": "str", "rho": "float"}),
+        (nn.MonarchConfig, {"nblocks": 2, "rank": 1}, {"nblocks": "int", "rank": "int"}),
+        (nn.SLTrainConfig, {"rank": 2, "sparsity": 0.1, "alpha": 8.0},
+         {"rank": "int", "sparsity": "float", "alpha": "float"}),
+        (nn.KronConfig, {"factors": ((2, 2), (4, 3)), "terms": 1},
+         {"factors": "pair", "terms": "int"}),
+        (nn.LowRankConfig, {"rank": 2, "tol": 0.1}, {"rank": "int", "tol": "float"}),
+    )  # fmt: skip
+    for config, valid, kinds in configs:
+        t.append(Target(f"nn.{config.__name__}", config, kinds, lambda v=valid: dict(v)))
+    saved = tempfile.mkdtemp()
+    model = small_model()
+    nn.convert(model, "lowrank", rank=2, progress=False)
+    nn.save(model, saved)
+    t.append(
+        Target(
+            "nn.load",
+            nn.load,
+            {"model": "module"},
+            lambda: {"model": small_model(), "directory": saved},
+        )
+    )
 
 
 # ---- malformed values ----------------------------------------------------------------------
