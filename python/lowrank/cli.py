@@ -331,7 +331,8 @@ def _rsvd(args: argparse.Namespace) -> int:
         matrix = torch.from_numpy(np.array(a)).to(device)
         u, s, vh = rsvd(matrix, args.rank, **options)
     seconds = time.perf_counter() - start
-    operator = StreamedMatrix(a, u.dtype, device, args.max_memory, args.progress)
+    compute = torch.float64 if a.dtype == np.float64 else torch.float32
+    operator = StreamedMatrix(a, compute, device, args.max_memory, args.progress)
     error = svd_error(operator, u, s, vh, probes=args.probes, seed=args.seed + 1)
     norm = operator.frobenius_norm()
     out = args.out or args.file.with_suffix(".rsvd.npz")
