@@ -1,9 +1,11 @@
 """GaLoreAdamW against a reference of the algorithm (Zhao et al. 2024) written here, the
-batched warm-started refresh, fallbacks, memory and state dicts."""
+batched warm-started refresh, fallbacks, memory, state dicts and exact resumption, bad
+gradients and options, and the projector on its own."""
 
 from __future__ import annotations
 
 import copy
+import io
 import math
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from conftest import relative_error
 from torch import nn
 
-from lowrank.optim import GaLoreAdamW, galore_groups
+from lowrank.optim import GaLoreAdamW, GaLoreProjector, Projection, galore_groups
 from lowrank.optim.galore import SIDES, leading_subspace
 
 # ---- the reference: one parameter at a time, one full SVD per refresh --------------------------
@@ -225,3 +227,194 @@ def test_warm_subspace_on_zero_and_rank_deficient_gradients(dtype):
     assert torch.allclose(captured, torch.ones(3, dtype=dtype), atol=tol)
     energy = (u.mT @ g).square().sum(-1)  # per direction: descending
     assert (energy[:, :-1] >= energy[:, 1:] - tol * energy[:, :1]).all()
+
+
+# ---- resuming from a state dict ---------------------------------------------------------------
+
+
+def train(model, optimizer, steps, x, y):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_from_a_saved_state_dict_is_exact(dtype):
+    """N steps in one run equal k steps, torch.save/torch.load of model and optimizer, a
+    fresh model and optimizer, and N - k more steps: the randomized refresh continues its
+    seeds and the float32 projectors and projected moments stay float32 for bfloat16."""
+    x, y = (t.to(dtype) for t in data())
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = Net().to(dtype)
+        return model, GaLoreAdamW(groups_of(model, "std", gap=3), lr=1e-2, weight_decay=0.1)
+
+    model, optimizer = fresh(0)
+    train(model, optimizer, 8, x, y)  # refreshes at steps 0, 3, 6
+    resumed, first = fresh(0)
+    train(resumed, first, 4, x, y)
+    buffer = io.BytesIO()
+    torch.save({"model": resumed.state_dict(), "optimizer": first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed, second = fresh(1)
+    resumed.load_state_dict(saved["model"])
+    second.load_state_dict(saved["optimizer"])
+    projected = [resumed.up.weight, resumed.down.weight]
+    assert all(second.state[p]["projector"].dtype == torch.float32 for p in projected)
+    assert all(second.state[p]["exp_avg"].dtype == torch.float32 for p in projected)
+    assert second.state[resumed.up.bias]["exp_avg"].dtype == dtype
+    train(resumed, second, 4, x, y)  # crosses the refresh at step 6
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    assert [r.step for r in second.refresh_log] == [6]
+
+
+# ---- groups, options and bad gradients --------------------------------------------------------
+
+
+def test_added_param_group_gets_the_defaults_and_checks():
+    torch.manual_seed(0)
+    model = Net().double()
+    twin = copy.deepcopy(model)
+    groups = groups_of(model, "std")
+    optimizer = GaLoreAdamW(groups[:1], lr=1e-2)
+    added = dict(groups[1])
+    del added["proj_type"], added["scale"]
+    optimizer.add_param_group(added)
+    assert optimizer.param_groups[1]["proj_type"] == "std"
+    reference = groups_of(twin, "std")
+    reference[1].update(scale=1.0)
+    other = GaLoreAdamW(reference, lr=1e-2)
+    x, y = data()
+    train(model, optimizer, 7, x, y)
+    train(twin, other, 7, x, y)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="proj_type"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.randn(4, 4))], "rank": 2,
+                                   "proj_type": "diagonal"})  # fmt: skip
+    with pytest.raises(ValueError, match="lr"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.randn(4))], "lr": -1.0})
+    assert len(optimizer.param_groups) == 2
+
+
+def test_complex_parameters_as_torch_adamw():
+    """Plain complex parameters are pairs of reals, as in torch.optim.AdamW; a complex
+    weight in a projected group is refused at once, naming it."""
+    torch.manual_seed(0)
+    z = nn.Parameter(torch.randn(5, 3, dtype=torch.complex128))
+    twin = nn.Parameter(z.detach().clone())
+    ours = GaLoreAdamW([z], lr=1e-2, eps=1e-14)
+    theirs = torch.optim.AdamW([twin], lr=1e-2, eps=1e-14, weight_decay=0.0)
+    target = torch.randn(5, 3, dtype=torch.complex128)
+    for _ in range(3):
+        for p, opt in ((z, ours), (twin, theirs)):
+            opt.zero_grad()
+            (p - target).abs().square().sum().backward()
+            opt.step()
+    assert (z - twin).abs().max() <= 1e-10
+    with pytest.raises(TypeError, match=r"parameter 'w'.*complex"):
+        GaLoreAdamW([{"params": [("w", nn.Parameter(torch.randn(4, 4, dtype=torch.cfloat)))],
+                      "rank": 2}])  # fmt: skip
+
+
+@pytest.mark.parametrize("grouped", ["projected", "plain"])
+def test_sparse_gradient_is_refused_before_the_refresh(grouped):
+    embedding = nn.Embedding(10, 4, sparse=True)
+    group = {"params": [("emb.weight", embedding.weight)]}
+    if grouped == "projected":
+        group["rank"] = 2
+    optimizer = GaLoreAdamW([group])
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match=r"'emb\.weight' is sparse"):
+        optimizer.step()
+    assert not optimizer.state[embedding.weight] and not optimizer.refresh_log
+
+
+def test_nonfinite_gradient_at_a_refresh_names_the_parameter():
+    torch.manual_seed(0)
+    model = Net()
+    named = dict(model.named_parameters())
+    projected = ["up.weight", "down.weight"]
+    optimizer = GaLoreAdamW([{"params": [(n, named[n]) for n in projected], "rank": 2,
+                              "update_proj_gap": 2}], lr=1e-2)  # fmt: skip
+    x, y = (t.float() for t in data())
+    train(model, optimizer, 2, x, y)
+    before = {n: optimizer.state[named[n]]["projector"].clone() for n in projected}
+    optimizer.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    model.down.weight.grad[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"'down\.weight' contains NaN or infinity"):
+        optimizer.step()
+    for n in projected:  # no projector changed
+        assert torch.equal(optimizer.state[named[n]]["projector"], before[n])
+
+
+def test_tensor_learning_rate():
+    torch.manual_seed(0)
+    model = Net().double()
+    twin = copy.deepcopy(model)
+    optimizer = GaLoreAdamW(groups_of(model, "std"), lr=torch.tensor(1e-2, dtype=torch.float64),
+                            svd="exact")  # fmt: skip
+    other = GaLoreAdamW(groups_of(twin, "std"), lr=1e-2, svd="exact")
+    x, y = data()
+    train(model, optimizer, 3, x, y)
+    train(twin, other, 3, x, y)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="lr"):
+        GaLoreAdamW(model.parameters(), lr=torch.tensor([1e-2]))
+
+
+# ---- the projector on its own -----------------------------------------------------------------
+
+
+class LeadingRows(Projection):
+    """A test projection: the first ``rank`` coordinates of the projected side."""
+
+    def compute(self, grads, side, rank, previous, seed):
+        m, n = grads.shape[-2:]
+        eye = torch.eye(m if side == "left" else n, dtype=grads.dtype)
+        proj = eye[:, :rank] if side == "left" else eye[:rank]
+        return [{"projector": proj.clone()} for _ in grads]
+
+
+def test_a_projection_of_ones_own():
+    """GaLoreAdamW with another kind of projector: only the coordinates it keeps move."""
+    torch.manual_seed(0)
+    model = Net()
+    start = model.up.weight.detach().clone()  # 20 x 12: right side, rank 4
+    optimizer = GaLoreAdamW(groups_of(model, "std"), lr=1e-2, projection=LeadingRows())
+    x, y = (t.float() for t in data())
+    train(model, optimizer, 3, x, y)
+    moved = (model.up.weight - start).abs().amax(0)
+    assert (moved[:4] > 0).all() and (moved[4:] == 0).all()
+    with pytest.raises(ValueError, match="svd"):
+        GaLoreAdamW(model.parameters(), svd="exact", projection=LeadingRows())
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+def test_projector_round_trip_and_schedule(proj_type):
+    """project_back(project(G)) = G for gradients in one rank-3 subspace, between refreshes
+    too; a refresh happens at the first step and every update_proj_gap steps, all due
+    matrices in one, each with a fresh seed."""
+    torch.manual_seed(0)
+    left, right = torch.randn(30, 3), torch.randn(3, 20)
+    weights = [nn.Parameter(torch.randn(30, 20)) for _ in range(3)]
+    group = {"params": weights, "rank": 3, "update_proj_gap": 2, "proj_type": proj_type}
+    projector = GaLoreProjector(seed=5)
+    projector.configure(group)
+    states = [{"step": 0} for _ in weights]
+    for _ in range(5):
+        for w in weights:
+            w.grad = left @ torch.randn(3, 3) @ right
+        projector.refresh(zip(weights, states, [group] * 3))
+        for w, state in zip(weights, states):
+            back = projector.project_back(state, projector.project(state, w.grad))
+            assert relative_error(back, w.grad) <= 1e-5
+            state["step"] += 1
+    assert [(r.step, r.matrices) for r in projector.refresh_log] == [(0, 3), (2, 3), (4, 3)]
+    assert projector.seed == 8 and all(s["refresh_seed"] == 8 for s in states)

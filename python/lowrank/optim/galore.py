@@ -16,8 +16,10 @@ normalised step is projected back and scaled by ``scale``:
   weight decay ``W -= lr * weight_decay * W`` (after the update, as theirs); the moments
   are kept across refreshes (not re-projected), as theirs.
 
-What lowrank changes is the refresh: at a step where several parameters are due, all
-gradients of one shape are decomposed in **one batched** call instead of one full
+The projection (side, schedule, refresh, project and project back, refresh log) is a
+:class:`~lowrank.optim.projector.GaLoreProjector`; this optimizer is the update rule on top
+of it. What lowrank changes is the refresh: at a step where several parameters are due,
+all gradients of one shape are decomposed in **one batched** call instead of one full
 ``torch.linalg.svd`` per matrix: the first time by :func:`lowrank.linalg.rsvd`, later
 **warm-started** from the previous projector (its subspace moves slowly between
 refreshes) by :func:`leading_subspace`, a randomized SVD whose test matrix is that
@@ -26,89 +28,35 @@ with the reference. ``refresh_log`` records every refresh's time.
 
 Parameter groups are the authors': groups carrying ``rank`` (with ``update_proj_gap``,
 ``scale``, ``proj_type``) are projected, other groups (and parameters that are not 2-D)
-are plain AdamW with the same update rule; :func:`galore_groups` builds them from a model.
+are plain AdamW with the same update rule (complex parameters as ``torch.optim.AdamW``
+treats them, as pairs of reals); :func:`galore_groups` builds them from a model.
+
+The state dict resumes a run exactly: projectors and projected moments stay float32 for
+float16/bfloat16 weights, and the randomized refresh continues its seeds.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from lowrank import _validate as check
-from lowrank.linalg.orthogonalize import cholqr, cholqr2
-from lowrank.linalg.rsvd import rsvd
-from lowrank.linalg.sketching import STREAM_TEST_MATRIX, test_matrix
+from lowrank.optim.projector import (
+    SIDES,
+    GaLoreProjector,
+    Projection,
+    Refresh,
+    SVDProjection,
+    describe,
+    leading_subspace,
+    restore_saved_dtypes,
+)
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-# state["side"] holds the index (an int: torch's optimizer state dict mangles strings)
-SIDES = ("right", "left", "full")
-DEFAULTS = {"update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}
-
-
-def leading_subspace(
-    g: torch.Tensor, previous: torch.Tensor, oversample: int = 10, n_iter: int = 0, seed: int = 0
-) -> torch.Tensor:
-    """The ``r`` leading left singular vectors of each ``g`` (``..., m x n``), in descending
-    order, warm-started from ``previous`` (``..., m x r``).
-
-    A randomized SVD of ``G^T`` whose test matrix is the previous projector with
-    ``oversample`` Gaussian columns beside it: ``Z = G^T [P_prev, Omega]`` (then ``n_iter``
-    power iterations ``Z <- G^T G Z``) spans ``G``'s leading right singular subspace, so
-    ``G ~ (G Q_Z) Q_Z^T`` with ``Q_Z`` an orthonormal basis of ``Z``; the leading left
-    singular vectors of ``C = G Q_Z`` are ``C W`` with ``W`` the leading eigenvectors of
-    ``C^T C`` (``l x l``), orthonormalised. A projector needs the subspace and its order,
-    not ``V`` or accurate small singular values, so this takes two GEMMs with ``G`` per
-    matrix where a full SVD costs ``O(m n min(m, n))`` at a fraction of the GEMM rate.
-    """
-    m, n = g.shape[-2:]
-    rank = previous.shape[-1]
-    l = min(rank + oversample, m, n)
-    z = g.mT @ previous
-    if l > rank:
-        omega = test_matrix(m, l - rank, "gaussian", seed, STREAM_TEST_MATRIX, g.dtype, g.device)
-        z = torch.cat((z, g.mT @ omega), dim=-1)
-    for _ in range(n_iter):
-        z = g.mT @ (g @ cholqr(_unit_columns(z)))
-    # A gradient's singular values fall by orders of magnitude within the rank, so Z's
-    # trailing columns are nearly dependent (cond ~1e5 after unit scaling): CholeskyQR2 in
-    # float64 takes that (up to ~1e7) where float32 would fall back to Householder QR.
-    work = torch.float64 if g.dtype != torch.float64 else g.dtype
-    c = g @ cholqr2(_unit_columns(z).to(work)).to(g.dtype)
-    _, w = torch.linalg.eigh(c.mT @ c)  # ascending
-    # C W has orthogonal columns of decreasing norm; unit-scaled, they are well conditioned
-    return cholqr2(_unit_columns(c @ w[..., -rank:].flip(-1)))
-
-
-def _unit_columns(y: torch.Tensor) -> torch.Tensor:
-    """y with unit columns (zero columns stay zero): the same span, with the columns'
-    spread of norms (the gradient's singular values) taken out of CholeskyQR's way."""
-    return y / torch.linalg.vector_norm(y, dim=-2, keepdim=True).clamp_min(
-        torch.finfo(y.dtype).tiny
-    )
-
-
-@dataclass
-class Refresh:
-    """One refresh: the optimizer step, how many matrices, the seconds it took."""
-
-    step: int
-    matrices: int
-    seconds: float
-
-
-def _side(shape: tuple[int, int], proj_type: str) -> str:
-    m, n = shape
-    if proj_type == "std":
-        return "right" if m >= n else "left"
-    if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
-    return proj_type
+__all__ = ["SIDES", "GaLoreAdamW", "Refresh", "galore_groups", "leading_subspace"]
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -117,9 +65,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
     Args:
         params: parameters or groups, as for ``torch.optim.AdamW``; a group with ``rank``
             (and optionally ``update_proj_gap`` (200), ``scale`` (1.0), ``proj_type``
-            (``"std"``)) is projected.
+            (``"std"``)) is projected. Groups added later by ``add_param_group`` get the
+            same defaults and checks.
         lr, betas, eps, weight_decay, correct_bias: as the authors' ``GaLoreAdamW``
-            (``eps=1e-6`` added to ``sqrt(v)`` before bias correction of the step size).
+            (``eps=1e-6`` added to ``sqrt(v)`` before bias correction of the step size);
+            ``lr`` may be a 0-dim tensor, as for torch's optimizers.
         svd: ``"randomized"`` (batched: the first refresh by :func:`lowrank.linalg.rsvd`,
             later ones warm-started from the previous projector by
             :func:`leading_subspace`) or ``"exact"`` (batched ``torch.linalg.svd``).
@@ -128,12 +78,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
             from the previous projector and ``oversample`` random columns).
         oversample: extra sketch columns of a randomized refresh.
         seed: randomness of the randomized refresh.
+        projection: another kind of projector (a
+            :class:`~lowrank.optim.projector.Projection`) instead of the SVD one that
+            ``svd``, ``n_iter``, ``warm_iter`` and ``oversample`` describe (leave those at
+            their defaults then).
     """
 
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
@@ -144,35 +98,47 @@ class GaLoreAdamW(torch.optim.Optimizer):
         warm_iter: int = 0,
         oversample: int = 10,
         seed: int = 0,
+        projection: Projection | None = None,
     ) -> None:
-        check.real("lr", lr, 0.0)
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        check.real("eps", eps, 0.0)
-        check.real("weight_decay", weight_decay, 0.0)
-        if svd not in ("randomized", "exact"):
-            raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
-        self.svd = svd
-        self.n_iter = check.iterations("n_iter", n_iter)
-        self.warm_iter = check.iterations("warm_iter", warm_iter)
-        self.oversample = check.integer("oversample", oversample, 0)
-        self.seed = seed
-        self.refresh_log: list[Refresh] = []
-        self._step_count = 0
+        if projection is None:
+            projection = SVDProjection(svd, n_iter=n_iter, warm_iter=warm_iter,
+                                       oversample=oversample)  # fmt: skip
+        elif (svd, n_iter, warm_iter, oversample) != ("randomized", 2, 0, 10):
+            raise ValueError("svd, n_iter, warm_iter and oversample describe the SVD "
+                             "projection; leave them at their defaults")  # fmt: skip
+        self.projector = GaLoreProjector(projection, seed=seed)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     "correct_bias": correct_bias}  # fmt: skip
+        _check_hyperparameters(defaults)
         super().__init__(params, defaults)
+
+    @property
+    def refresh_log(self) -> list[Refresh]:
+        """Every projector refresh: its step, matrices and seconds."""
+        return self.projector.refresh_log
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group`` with GaLore's defaults and checks (a
+        group that fails them is not added)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_hyperparameters(group)
+            self.projector.configure(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, keeping every state tensor in the
+        dtype it was saved in (float32 projectors and projected moments for
+        float16/bfloat16 weights) and continuing the randomized refresh's seeds."""
+        super().load_state_dict(state_dict)
         for group in self.param_groups:
-            if "rank" in group:
-                group["rank"] = check.positive_int("rank", group["rank"])
-                for key, value in DEFAULTS.items():
-                    group.setdefault(key, value)
-                group["update_proj_gap"] = check.positive_int(
-                    "update_proj_gap", group["update_proj_gap"]
-                )
-                if group["proj_type"] not in PROJ_TYPES:
-                    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got "
-                                     f"{group['proj_type']!r}")  # fmt: skip
+            _check_hyperparameters(group)
+            self.projector.configure(group)
+        restore_saved_dtypes(self, state_dict)
+        self.projector.resume(self.state.values())
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -182,19 +148,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._refresh_due()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise TypeError(f"the gradient of {describe(p, group)} is sparse; "
+                                    "GaLoreAdamW does not support sparse gradients")  # fmt: skip
+        self.projector.refresh((p, self.state[p], group) for group in self.param_groups
+                               for p in group["params"] if p.grad is not None)  # fmt: skip
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            lr = float(group["lr"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
                 state = self.state[p]
-                grad = p.grad
-                projected = "projector" in state
+                grad, target = p.grad, p
+                projected = self.projector.active(state)
                 if projected:
-                    grad = self._project(state, grad)
+                    grad = self.projector.project(state, grad)
+                elif p.is_complex():  # as torch.optim.AdamW: the real and imaginary parts
+                    grad, target = torch.view_as_real(grad), torch.view_as_real(p)
                 if "exp_avg" not in state:
                     state.setdefault("step", 0)
                     state["exp_avg"] = torch.zeros_like(grad)
@@ -204,110 +177,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
                 denom = exp_avg_sq.sqrt().add_(group["eps"])
-                step_size = group["lr"]
+                step_size = lr
                 if group["correct_bias"]:
                     t = state["step"]
                     step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
                 update = exp_avg / denom
                 if projected:
-                    update = self._project_back(state, update) * group["scale"]
-                p.add_(update.to(p.dtype), alpha=-step_size)
+                    update = self.projector.project_back(state, update) * group["scale"]
+                target.add_(update.to(target.dtype), alpha=-step_size)
                 if group["weight_decay"] > 0.0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-        self._step_count += 1
+                    target.add_(target, alpha=-lr * group["weight_decay"])
         return loss
-
-    # state["projector"] is P (right: r x n, left: m x r) or, for "full", U_r with V_r^T
-    # in state["projector_vh"] (tensors only, so the optimizer's state dict holds them).
-
-    def _project(self, state, grad):
-        side, proj = SIDES[state["side"]], state["projector"]
-        g = grad.to(proj.dtype)
-        if side == "right":
-            return g @ proj.mT
-        if side == "left":
-            return proj.mT @ g
-        return proj.mT @ g @ state["projector_vh"].mT
-
-    def _project_back(self, state, low):
-        side, proj = SIDES[state["side"]], state["projector"]
-        if side == "right":
-            return low @ proj
-        if side == "left":
-            return proj @ low
-        return proj @ low @ state["projector_vh"]
-
-    # ---- the refresh ----------------------------------------------------------------------------
-
-    def _refresh_due(self) -> None:
-        """New projectors for every projected parameter due at this step, batched by shape."""
-        batches: dict[tuple, list] = defaultdict(list)
-        for group in self.param_groups:
-            if "rank" not in group:
-                continue
-            for p in group["params"]:
-                if p.grad is None or p.dim() != 2:
-                    continue  # not 2-D: plain AdamW
-                state = self.state[p]
-                step = state.setdefault("step", 0)
-                if "projector" in state and step % group["update_proj_gap"] != 0:
-                    continue
-                side = _side(tuple(p.shape), group["proj_type"])
-                rank = min(group["rank"], *p.shape)
-                warm = ("projector" in state and SIDES[state["side"]] == side
-                        and side != "full")  # fmt: skip
-                key = (tuple(p.shape), p.device, side, rank, warm)
-                batches[key].append(p)
-        if not batches:
-            return
-        start = time.perf_counter()
-        count = 0
-        for (_shape, _device, side, rank, warm), params in batches.items():
-            # float32 at least (float16/bfloat16 gradients), float64 stays float64
-            grads = torch.stack([p.grad.to(torch.promote_types(p.grad.dtype, torch.float32))
-                                 for p in params])  # fmt: skip
-            previous = torch.stack([self.state[p]["projector"] for p in params]) if warm else None
-            projectors = self._projectors(grads, side, rank, previous)
-            for p, proj in zip(params, projectors):
-                state = self.state[p]
-                state["side"] = SIDES.index(side)
-                if side == "full":
-                    state["projector"], state["projector_vh"] = proj
-                else:
-                    state["projector"] = proj
-            count += len(params)
-        if torch.cuda.is_available() and any(k[1].type == "cuda" for k in batches):
-            torch.cuda.synchronize()
-        self.refresh_log.append(Refresh(self._step_count, count, time.perf_counter() - start))
-
-    def _projectors(self, grads, side, rank, previous):
-        """Per matrix: ``P`` (``r x n``, right), ``P`` (``m x r``, left) or ``(U_r, V_r^T)``."""
-        if self.svd == "exact":
-            u, _, vh = torch.linalg.svd(grads, full_matrices=False)
-            u, vh = u[..., :rank], vh[..., :rank, :]
-        elif previous is not None:  # warm (one side only): the leading subspace, nothing more
-            if side == "right":  # the right singular vectors are the left ones of G^T
-                u, vh = None, self._warm(grads.mT, previous.mT).mT
-            else:
-                u = self._warm(grads, previous)
-        elif side == "right":
-            vt, _, _ = self._rsvd(grads.mT, rank)
-            u, vh = None, vt.mT
-        else:
-            u, _, vh = self._rsvd(grads, rank)
-        if side == "right":
-            return list(vh)
-        if side == "left":
-            return list(u)
-        return list(zip(u, vh))
-
-    def _warm(self, a, previous):
-        self.seed += 1
-        return leading_subspace(a, previous, self.oversample, self.warm_iter, self.seed)
-
-    def _rsvd(self, a, rank):
-        self.seed += 1  # fresh sketches each refresh
-        return rsvd(a, rank, oversample=self.oversample, n_iter=self.n_iter, seed=self.seed)
 
     # ---- reporting -----------------------------------------------------------------------------
 
@@ -318,11 +198,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p, {})
-                proj = state.get("projector")
-                tensors = [state.get(k) for k in ("exp_avg", "exp_avg_sq", "projector",
-                                                  "projector_vh")]  # fmt: skip
-                held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-                rows.append({"shape": tuple(p.shape), "projected": proj is not None,
+                held = sum(t.numel() * t.element_size() for t in state.values()
+                           if isinstance(t, torch.Tensor))  # fmt: skip
+                rows.append({"shape": tuple(p.shape), "projected": self.projector.active(state),
                              "state_bytes": held,
                              "adamw_bytes": 2 * p.numel() * p.element_size()})  # fmt: skip
         return rows
@@ -330,6 +208,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """All optimizer state, in bytes."""
         return sum(row["state_bytes"] for row in self.memory_report())
+
+
+def _check_hyperparameters(group: dict) -> None:
+    """Checks a group's AdamW options (``lr`` a number or a 0-dim real tensor)."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.dim() != 0 or not lr.is_floating_point():
+            raise ValueError(f"lr must be a number or a 0-dim floating tensor, got a "
+                             f"{lr.dim()}-dim {lr.dtype} tensor")  # fmt: skip
+        lr = lr.item()
+    check.real("lr", lr, 0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check.real("betas[0]", betas[0])
+    check.real("betas[1]", betas[1])
+    if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+        raise ValueError(f"betas must be in [0, 1), got {betas}")
+    check.real("eps", group["eps"], 0.0)
+    check.real("weight_decay", group["weight_decay"], 0.0)
 
 
 def galore_groups(
