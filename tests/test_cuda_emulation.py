@@ -576,3 +576,26 @@ def test_reading_a_wmma_store_without_syncwarp_fails(broken):
     out.fill_(float("nan"))
     broken.read_back(ptr(out), 0)  # each lane reads elements other lanes store
     assert out.isnan().any()
+
+
+@needs_adversarial
+def test_removing_any_barrier_of_the_tensor_core_gradient_kernel_is_caught(emulated):
+    """Each barrier the factor-gradient kernel reaches, left out in turn, changes the result:
+    the adversarial schedule turns every missing barrier of a real kernel into wrong output.
+    (Four blocks' worth of tiles on two blocks, so the loop's barriers matter too.)"""
+    kind, tokens, (p, q, r, s), device = "f16", 13, (5, 7, 6, 9), (24 * 1024, 1)
+    x, a, b = (torch.randn(*shape).half() for shape in [(tokens, q * s), (p, q), (r, s)])
+    dy = torch.randn(tokens, p * r).half()
+    emulated.emulation_barrier_sites()
+    check_kron_tc_grads(*run_kron_tc_grads(emulated, kind, dy, x, a, b, device), dy, x, a, b, kind)
+    sites = emulated.library.emulation_barrier_sites().decode().split()
+    assert sites and all(site.startswith("kron_kernels.cuh:") for site in sites)
+    try:
+        for site in sites:
+            file, line = site.split(":")
+            emulated.emulation_skip_barrier(file.encode(), int(line))
+            with pytest.raises(AssertionError):
+                check_kron_tc_grads(*run_kron_tc_grads(emulated, kind, dy, x, a, b, device), dy, x,
+                                    a, b, kind)  # fmt: skip
+    finally:
+        emulated.emulation_skip_barrier(b"", 0)
