@@ -264,7 +264,7 @@ class StreamedMatrix:
             with warnings.catch_warnings():  # a read-only mapping is only ever read
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 panel = torch.from_numpy(block).to(self.device, self.dtype)
-            total += float(torch.linalg.vector_norm(panel, dtype=torch.float64) ** 2)
+            total += float(torch.linalg.vector_norm(panel)) ** 2  # no float64 copy
             yield i, panel
             if bar is not None:
                 bar.update(block.nbytes)
