@@ -22,7 +22,7 @@
 //
 // Speed floor (float32, 2-core AVX-512 machine, in=out=1024, 32x32 factors,
 // 4096 tokens): forward moves 32 MiB and does 0.54 GFLOP, backward 48 MiB and
-// 1.34 GFLOP; bench/bench_kron.py reports the measured fraction.
+// 1.34 GFLOP; lowrank/bench/bench_kron.py reports the measured fraction.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>

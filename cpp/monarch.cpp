@@ -18,7 +18,7 @@
 // six and keeps h alive between passes.
 //
 // Speed floor (float32, n = 1024, 32 blocks of 32, 4096 tokens): forward moves
-// 32 MiB and does 0.54 GFLOP; bench/bench_monarch.py reports the fraction.
+// 32 MiB and does 0.54 GFLOP; lowrank/bench/bench_monarch.py reports the fraction.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>

@@ -73,7 +73,7 @@ class LoRAAdapter(AdapterLinear):
         n_iter: power iterations of the randomized SVD (PiSSA; default 2, with
             ``max(10, rank // 2)`` oversampling: more accurate than PEFT's
             ``"pissa_niter_4"`` (``torch.svd_lowrank`` without oversampling) in less time,
-            see ``bench/bench_lora.py``).
+            see ``lowrank/bench/bench_lora.py``).
         corda_method: ``"ipm"`` or ``"kpm"`` (CorDA).
         seed: for the random inits and the randomized SVD.
         dtype: the adapter's dtype (default the base's). Inputs are cast to it and the

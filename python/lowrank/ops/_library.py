@@ -5,7 +5,7 @@ An op is a schema defined here plus per-device kernels registered with
 ``torch.compile``, and an autograd kernel installed by :func:`register_autograd`.
 That kernel adds about 1 us when no input needs a gradient, against ~15 us for
 ``torch.library.register_autograd`` and ~9 us for the ``custom_op`` decorator
-(2-core CI machine, torch 2.13; ``bench/bench_dispatch.py`` measures a trivial
+(2-core CI machine, torch 2.13; ``lowrank/bench/bench_dispatch.py`` measures a trivial
 op defined this way).
 """
 

@@ -141,7 +141,8 @@ def _check_grad(grad, x, l, s):
 def reference_is_faster(x: torch.Tensor, w1: torch.Tensor) -> bool:
     """The CPU cost model (the static choice when nothing was measured): below ``4 * p``
     tokens with blocks of 64 or more inputs, batched GEMMs beat the fused kernel, whose
-    per-call cost (transposing the weights once) is not yet paid back (bench/bench_monarch.py)."""
+    per-call cost (transposing the weights once) is not yet paid back
+    (lowrank/bench/bench_monarch.py)."""
     p = w1.shape[-1]
     return x.is_cpu and p >= 64 and math.prod(x.shape[:-1]) < 4 * p
 

@@ -48,7 +48,7 @@ from lowrank.ops._library import (
 
 PATHS = {"auto": 0, "rebuild": 1, "factored": 2}
 # Cost model (the static choice on the CPU when nothing was measured): a scattered sparse
-# multiply-add costs about this many dense GEMM ones (bench/bench_sltrain.py at n=1024,
+# multiply-add costs about this many dense GEMM ones (lowrank/bench/bench_sltrain.py at n=1024,
 # r=256, 3% nonzeros: the crossover is near 100 tokens).
 SPARSE_COST = 60.0
 
