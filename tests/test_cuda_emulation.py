@@ -507,6 +507,8 @@ def test_sltrain_kernels(emulated_sltrain, out, inp, nnz, tokens):
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory):
+    if SANITIZE:
+        pytest.skip("deliberate mistakes, some of them races a sanitizer rightly reports")
     return build("broken_entry.cpp", tmp_path_factory.mktemp("emulation"))
 
 
@@ -529,13 +531,15 @@ def test_wmma_alignment_and_ldm_are_checked(broken, offset, ldm, message):
 
 def test_a_lane_skipping_mma_sync_is_caught(broken):
     out = torch.full((16, 16), float("nan"))
-    with pytest.raises(EmulationError, match="lane 5 made 3 different ones"):
+    with pytest.raises(
+        EmulationError, match=r"thread 5 waits at broken_entry.cpp:\d+ while others"
+    ):
         broken.tile_product(ptr(out), 0, 16, 5, -1)
 
 
 def test_a_lane_skipping_syncwarp_is_caught(broken):
     out = torch.full((16, 16), float("nan"))
-    with pytest.raises(EmulationError, match=r"__syncwarp at broken_entry.cpp:\d+: 1 thread"):
+    with pytest.raises(EmulationError, match=r"thread 3 waits at broken_entry.cpp:\d+ while"):
         broken.tile_product(ptr(out), 0, 16, -1, 3)
 
 

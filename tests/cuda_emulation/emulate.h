@@ -20,7 +20,8 @@
 //   with 0x7fff in every 16-bit half (NaN read as float32, float16 or bfloat16) and lies
 //   between guard zones that are checked after the block: a write outside it is reported.
 // - nvcuda::wmma (wmma.h) checks the pointer alignment and ldm rules of the CUDA programming
-//   guide, and each warp checks that its lanes make the same *_sync calls between barriers.
+//   guide; each *_sync call waits for the whole warp, which checks that its lanes make the
+//   same call with the same arguments.
 //
 // A failed check is recorded (the first message is kept) and the kernel runs on; the caller
 // of an entry point reads it with emulation_take_error(). This checks index math,
@@ -356,9 +357,11 @@ class Block {
   bool broken_ = false;
 };
 
-// Records a WMMA *_sync call of the calling lane (see LaneCalls).
-inline void record_warp_call(const char* operation, const void* pointer, unsigned ldm, int layout,
-                             const std::source_location& site) {
+// A WMMA *_sync call of the calling lane: recorded (see LaneCalls), then, as the CUDA
+// programming guide describes these calls, the lane waits until all lanes of its warp have
+// arrived at it before it runs.
+inline void warp_call(const char* operation, const void* pointer, unsigned ldm, int layout,
+                      const std::source_location& site) {
   LaneCalls& calls = Block::current->calls(Block::current_thread);
   if (calls.count++ == 0) calls.first = site;
   std::uint64_t h = calls.hash ^ 0x9e3779b97f4a7c15ull;
@@ -367,6 +370,7 @@ inline void record_warp_call(const char* operation, const void* pointer, unsigne
                           std::uint64_t(ldm), std::uint64_t(layout), std::uint64_t(site.line())})
     h = (h ^ v) * 0x100000001b3ull;
   calls.hash = h;
+  Block::current->arrive(false, site);
 }
 
 // ---- shared memory ------------------------------------------------------------------------

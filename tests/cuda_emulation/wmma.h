@@ -14,7 +14,8 @@
 // Each *_sync call checks what the CUDA programming guide requires: a 256-bit
 // (32-byte) aligned pointer, ldm a multiple of 16 bytes (8 elements of a 16-bit
 // type, 4 of float), and the call made by every lane of the warp with the same
-// arguments (checked by emulate.h when the warp next converges).
+// arguments; as the guide says, it waits until all lanes of the warp have arrived
+// (emulate.h's warp barrier, which checks the lanes' calls).
 #pragma once
 
 #include <cstddef>
@@ -67,7 +68,7 @@ inline void check_matrix(const char* operation, const T* ptr, unsigned ldm, int 
   if (ldm * sizeof(T) % 16 != 0)
     emulation::fail(call + ": ldm " + std::to_string(ldm) + " is not a multiple of " +
                     std::to_string(16 / sizeof(T)) + " elements (16 bytes)");
-  emulation::record_warp_call(operation, ptr, ldm, layout, site);
+  emulation::warp_call(operation, ptr, ldm, layout, site);
 }
 }  // namespace detail
 
@@ -133,7 +134,7 @@ inline void mma_sync(fragment<accumulator, M, N, K, TC>& d,
                      const fragment<matrix_b, M, N, K, TB, LB>& b,
                      const fragment<accumulator, M, N, K, TC>& c,
                      const std::source_location& site = std::source_location::current()) {
-  emulation::record_warp_call("mma_sync", nullptr, 0, 0, site);
+  emulation::warp_call("mma_sync", nullptr, 0, 0, site);
   float out[M * N];
   for (int e = 0; e < M * N; ++e) out[e] = c.x[e];
   for (int i = 0; i < M; ++i)
