@@ -105,13 +105,16 @@ def unavailable(t: torch.Tensor, smem_bytes: Callable[[], int] | None = None) ->
 
 def tensor_cores_unavailable(t: torch.Tensor, smem_bytes: Callable[[], int]) -> str | None:
     """Why a tensor-core kernel cannot run on t (a CUDA float16/bfloat16 tensor), or None:
-    the module, compute capability 8.0 or newer, and ``smem_bytes()`` of shared memory."""
+    the module, compute capability 8.0 or newer with device code built for it (a module built
+    for older GPUs only, e.g. ``LOWRANK_CUDA_ARCHS=75``, leaves these kernels out), and
+    ``smem_bytes()`` of shared memory."""
     why = unavailable(t)
     if why is not None:
         return why
     device = t.device.index if t.device.index is not None else torch.cuda.current_device()
     if not _cuda.tensor_cores(device):
-        return "tensor-core kernels need compute capability 8.0 or newer"
+        return ("tensor-core kernels need compute capability 8.0 or newer and a build for it "
+                "(LOWRANK_CUDA_ARCHS)")  # fmt: skip
     return unavailable(t, smem_bytes)
 
 
