@@ -167,3 +167,66 @@ def test_streaming(name, a, kind, dtype):
     assert result.U.dtype == dtype
     check(a, result.U, result.S, result.Vh, kind if kind == "exact" else "single pass", dtype)
     assert result.error is not None and np.isfinite(result.error)
+
+
+# ---- magnitude -------------------------------------------------------------------------------
+
+SCALED = [m for m in MATRICES if m[0] in ("rank3", "fast decay", "wide")]
+
+
+@pytest.mark.parametrize("exponent", (-100, 100))  # 2^-100 ~ 8e-31, 2^100 ~ 1e30
+def test_fixed_accuracy_is_scale_invariant(exponent):
+    """tol= on float32 A times 2^j, every normaliser and sketch: the rank and the triplets of
+    A, S times 2^j (a power of two scales exactly, so only subnormal entries may differ)."""
+    tol = TOL[torch.float32]
+    for name, a, _ in SCALED:
+        x = a.to(torch.float32)
+        for normalizer in NORMALIZERS:
+            for sketch in SKETCHES:
+                options = {"tol": 1e-2, "normalizer": normalizer, "sketch": sketch, "seed": 3}
+                u0, s0, vh0 = rsvd(x, 3, **options)
+                u, s, vh = rsvd(x * 2.0**exponent, 3, **options)
+                where = f"{name} normalizer={normalizer} sketch={sketch}"
+                assert s.shape == s0.shape, where
+                assert torch.allclose(s.double() * 2.0**-exponent, s0.double(), rtol=tol,
+                                      atol=0), where  # fmt: skip
+                assert torch.allclose(u, u0, atol=tol) and torch.allclose(vh, vh0, atol=tol), where
+
+
+def same(scaled, unscaled, scale, where):
+    """``scaled / scale`` equals ``unscaled`` to float32's rounding (relative to the largest)."""
+    scaled, unscaled = np.asarray(scaled, dtype=np.float64), np.asarray(unscaled, dtype=np.float64)
+    assert np.all(np.isfinite(scaled)), where
+    atol = 1e-4 * np.abs(unscaled).max()
+    assert np.allclose(scaled / scale, unscaled, rtol=1e-4, atol=atol), where
+
+
+@pytest.mark.parametrize("scale", (2.0**-100, 2.0**100))
+def test_entry_points_at_extreme_magnitudes(scale):
+    """float32 data times 2^-100 or 2^100 (about 1e-30, 1e30) through compat and the
+    scikit-learn estimators: the singular values of the unscaled data (same seed) times
+    ``scale``, and the same explained variance ratios (the variances themselves, near 1e-60
+    or 1e60, are beyond float32). A power of two scales exactly: even what unnormalised
+    power iterations cannot resolve comes out the same."""
+    compat = pytest.importorskip("lowrank.compat")
+    sklearn = pytest.importorskip("lowrank.sklearn")
+    for name, a, _ in SCALED:
+        x = a.to(torch.float32)
+        big = x * scale
+        for function in (compat.svd_lowrank, compat.pca_lowrank):
+            torch.manual_seed(0)
+            unscaled = function(x, q=3)[1]
+            torch.manual_seed(0)
+            same(function(big, q=3)[1], unscaled, scale, (name, function.__name__))
+        for normalizer in ("auto", "QR", "LU", "none"):
+
+            def call(data, normalizer=normalizer):
+                return compat.randomized_svd(data.numpy(), 3, random_state=0,
+                                             power_iteration_normalizer=normalizer)[1]  # fmt: skip
+
+            same(call(big), call(x), scale, (name, normalizer))
+        for solver in ("full", "covariance_eigh", "randomized"):
+            fit = sklearn.PCA(2, svd_solver=solver, random_state=0)
+            with np.errstate(over="ignore"):
+                ratio = fit.fit(big.numpy()).explained_variance_ratio_
+            same(ratio, fit.fit(x.numpy()).explained_variance_ratio_, 1.0, (name, solver))

@@ -25,7 +25,9 @@ NORMALIZERS = ("auto", "cholqr2", "qr", "lu", "none")
 
 
 def householder_qr(y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(y).Q
+    """Q of the Householder QR of ``y``, computed at ordinary magnitude (:func:`rescale`):
+    LAPACK's own guards against underflow round differently at extreme ones."""
+    return torch.linalg.qr(rescale(y)).Q
 
 
 def well_conditioned(factor: torch.Tensor) -> bool:
@@ -45,8 +47,12 @@ def _cholesky_pass(y: torch.Tensor, shift: bool) -> torch.Tensor | None:
     return None if qr is None else qr[0]
 
 
-def _cholesky_qr(y: torch.Tensor, shift: bool):
-    """``(Q, R)`` with ``Q = Y R^{-1}`` from one (shifted) Cholesky pass, or None."""
+def _cholesky_qr(y: torch.Tensor, shift: bool, rescaled: bool = False):
+    """``(Q, R)`` with ``Q = Y R^{-1}`` from one (shifted) Cholesky pass, or None.
+
+    A block whose Gram matrix leaves the range (entries beyond about ``1e19`` or below
+    ``1e-19`` in float32) is tried again scaled by a power of two (exact, and only when the
+    first try fails): ``Q`` is then the one of the same block at ordinary magnitude."""
     gram = y.mH @ y
     if shift:
         m, l = y.shape[-2], y.shape[-1]
@@ -56,7 +62,11 @@ def _cholesky_qr(y: torch.Tensor, shift: bool):
         gram = gram + s * torch.eye(l, dtype=y.dtype, device=y.device)
     factor, info = torch.linalg.cholesky_ex(gram)
     if bool((info != 0).any()) or not well_conditioned(factor):
-        return None
+        if rescaled or not _out_of_range(y):
+            return None
+        exponent = _peak_exponent(y)
+        qr = _cholesky_qr(times_power_of_two(y, -exponent), shift, rescaled=True)
+        return None if qr is None else (qr[0], times_power_of_two(qr[1], exponent))
     # Q = Y R^{-1} with R = L^T. R^{-1} is formed (l x l, cheap) and applied by one GEMM:
     # a batched triangular solve with m-row right-hand sides runs matrix by matrix and
     # costs several times the GEMM, for the same forward error (cond(R) eps, which the
@@ -121,14 +131,29 @@ def times_power_of_two(y: torch.Tensor, exponent) -> torch.Tensor:
     return y * torch.exp2(half.to(real)) * torch.exp2((exponent - half).to(real))
 
 
+def _peak_exponent(y: torch.Tensor) -> torch.Tensor:
+    """Per matrix of ``y`` (``..., m x l``, not empty), the ``e`` with its largest entry in
+    ``[2^(e-1), 2^e)`` (0 for a zero matrix), shaped ``(..., 1, 1)``."""
+    return torch.frexp(y.abs().amax(dim=(-2, -1), keepdim=True))[1]
+
+
+def _out_of_range(y: torch.Tensor) -> bool:
+    """Whether the Gram matrix of a block ``y`` (``..., m x l``) may overflow, or underflow
+    to where rounding is no longer relative (squares below ``tiny / eps``); a zero block is
+    in range."""
+    info = torch.finfo(y.dtype)
+    peak = y.abs().amax(dim=(-2, -1))
+    low, high = (info.tiny / info.eps) ** 0.5, (info.max / max(y.shape[-2], 1)) ** 0.5
+    return bool(((peak > 0) & (peak < low) | (peak > high) | ~torch.isfinite(peak)).any())
+
+
 def rescale(y: torch.Tensor) -> torch.Tensor:
     """``y`` (``..., m x l``) times the power of two that brings each matrix's largest entry
     into ``[0.5, 1)`` (a zero matrix stays zero): products with ``A`` in power iterations then
     neither overflow nor underflow, whatever ``A``'s magnitude, and nothing else changes."""
     if y.numel() == 0:
         return y
-    _, exponent = torch.frexp(y.abs().amax(dim=(-2, -1), keepdim=True))
-    return times_power_of_two(y, -exponent)
+    return times_power_of_two(y, -_peak_exponent(y))
 
 
 def normalize(y: torch.Tensor, normalizer: str) -> torch.Tensor:
