@@ -329,7 +329,7 @@ def test_sparse_gradient_is_refused_before_the_refresh(grouped):
         group["rank"] = 2
     optimizer = GaLoreAdamW([group])
     embedding(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(TypeError, match=r"'emb\.weight' is sparse"):
+    with pytest.raises(TypeError, match=r"'emb\.weight' has a sparse \.grad"):
         optimizer.step()
     assert not optimizer.state[embedding.weight] and not optimizer.refresh_log
 
@@ -347,7 +347,7 @@ def test_nonfinite_gradient_at_a_refresh_names_the_parameter():
     optimizer.zero_grad()
     nn.functional.mse_loss(model(x), y).backward()
     model.down.weight.grad[0, 1] = float("nan")
-    with pytest.raises(ValueError, match=r"'down\.weight' contains NaN or infinity"):
+    with pytest.raises(ValueError, match=r"'down\.weight' has a \.grad with NaN or infinity"):
         optimizer.step()
     for n in projected:  # no projector changed
         assert torch.equal(optimizer.state[named[n]]["projector"], before[n])
@@ -418,3 +418,12 @@ def test_projector_round_trip_and_schedule(proj_type):
             state["step"] += 1
     assert [(r.step, r.matrices) for r in projector.refresh_log] == [(0, 3), (2, 3), (4, 3)]
     assert projector.seed == 8 and all(s["refresh_seed"] == 8 for s in states)
+
+
+def test_learning_rate_beyond_the_dtype_range_is_refused_before_any_update():
+    first, second = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3, dtype=torch.half))
+    optimizer = GaLoreAdamW([first, second], lr=1e5)  # beyond float16's 65504
+    first.grad, second.grad = torch.ones(3), torch.ones(3, dtype=torch.half)
+    with pytest.raises(ValueError, match=r"lr = 100000 .* torch\.float16"):
+        optimizer.step()
+    assert torch.equal(first, torch.ones(3)) and not optimizer.state

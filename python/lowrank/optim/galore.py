@@ -148,11 +148,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise TypeError(f"the gradient of {describe(p, group)} is sparse; "
-                                    "GaLoreAdamW does not support sparse gradients")  # fmt: skip
+        self._check_step()
         self.projector.refresh((p, self.state[p], group) for group in self.param_groups
                                for p in group["params"] if p.grad is not None)  # fmt: skip
         for group in self.param_groups:
@@ -188,6 +184,24 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if group["weight_decay"] > 0.0:
                     target.add_(target, alpha=-lr * group["weight_decay"])
         return loss
+
+    def _check_step(self) -> None:
+        """Before anything changes: no sparse gradient, and each group's ``lr`` (and ``lr *
+        weight_decay``) within the range of its parameters' dtypes (torch cannot scale by
+        a factor beyond it)."""
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"{describe(p, group)} has a sparse .grad; "
+                                    "GaLoreAdamW does not support sparse gradients")  # fmt: skip
+                largest = torch.finfo(p.dtype).max
+                if lr > largest or lr * group["weight_decay"] > largest:
+                    raise ValueError(f"lr = {lr:g} (with weight_decay = {group['weight_decay']:g}) "
+                                     f"is beyond the range of {describe(p, group)}'s dtype, "
+                                     f"{p.dtype}")  # fmt: skip
 
     # ---- reporting -----------------------------------------------------------------------------
 

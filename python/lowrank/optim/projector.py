@@ -335,8 +335,8 @@ class GaLoreProjector:
             if p.grad is None or not self.projects(group, p) or not self.due(state, group):
                 continue
             if p.grad.is_sparse:
-                raise TypeError(f"the gradient of {describe(p, group)} is sparse; GaLore "
-                                "projects dense gradients only")  # fmt: skip
+                raise TypeError(f"{describe(p, group)} has a sparse .grad; GaLore projects "
+                                "dense gradients only")  # fmt: skip
             side = side_of(tuple(p.shape), group["proj_type"])
             rank = min(group["rank"], *p.shape)
             warm = (self.active(state) and SIDES[state["side"]] == side
@@ -395,10 +395,10 @@ def _check_finite(batch: list[Entry], grads: torch.Tensor) -> None:
         return
     for (p, _, group), g, total in zip(batch, grads, sums.tolist()):
         if not math.isfinite(total):
-            what = "contains NaN or infinity" if not bool(torch.isfinite(g).all()) else (
-                "overflows (its sum is not finite)")  # fmt: skip
-            raise ValueError(f"the gradient of {describe(p, group)} {what}; no projector "
-                             "can be computed from it")  # fmt: skip
+            what = "with NaN or infinity" if not bool(torch.isfinite(g).all()) else (
+                "that overflows (its sum is not finite)")  # fmt: skip
+            raise ValueError(f"{describe(p, group)} has a .grad {what}; no projector can be "
+                             "computed from it")  # fmt: skip
 
 
 def describe(param: torch.Tensor, group: dict) -> str:
