@@ -133,6 +133,11 @@ def test_randomized_svd_dtypes_sparse_and_arguments():
         randomized_svd(bad, 2)
     with pytest.raises(ValueError, match="2D"):
         randomized_svd(a[0], 2)
+    for malformed in (bad, a[0], a[:0]):  # the messages name the argument
+        with pytest.raises(ValueError, match=r"\bM\b"):
+            randomized_svd(malformed, 2)
+    with pytest.raises(ValueError, match="niter"):
+        svd_lowrank(torch.from_numpy(a), niter=2**40)
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)

@@ -56,7 +56,7 @@ def svd_lowrank(A: torch.Tensor, q: int | None = 6, niter: int | None = 2,
     sketch columns."""
     m, n = _shape(A)
     q = 6 if q is None else check.integer("q", q, 0)
-    niter = 2 if niter is None else max(0, check.integer("niter", niter))
+    niter = 2 if niter is None else check.iterations("niter", max(0, check.integer("niter", niter)))
     k = min(q, m, n)
     if M is not None:
         M = check.tensor("M", M)
@@ -152,11 +152,11 @@ def as_tensor_2d(M) -> tuple[torch.Tensor, np.dtype]:
     if sp is not None and sp.issparse(M):
         csr = M.tocsr()
         if csr.ndim != 2:
-            raise ValueError(f"Expected 2D input, got shape {csr.shape}")
+            raise ValueError(f"M: expected 2D input, got shape {csr.shape}")
         dtype = np.dtype(np.float32) if csr.dtype == np.float32 else np.dtype(np.float64)
         data = np.asarray(csr.data, dtype=dtype)
         if not np.isfinite(data).all():
-            raise ValueError("Input contains NaN or infinity.")
+            raise ValueError("M: input contains NaN or infinity.")
         with warnings.catch_warnings():  # torch calls its CSR support beta, once per process
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             tensor = torch.sparse_csr_tensor(torch.from_numpy(csr.indptr.astype(np.int64)),
@@ -170,16 +170,16 @@ def as_tensor_2d(M) -> tuple[torch.Tensor, np.dtype]:
     if array.dtype == object:
         array = array.astype(np.float64)
     if np.iscomplexobj(array):
-        raise ValueError("Complex data not supported")
+        raise ValueError("M: complex data not supported")
     if array.ndim != 2:
-        raise ValueError(f"Expected 2D array, got {array.ndim}D array instead")
+        raise ValueError(f"M: expected 2D array, got {array.ndim}D array instead")
     if min(array.shape) == 0:
-        raise ValueError(f"Found array with shape {array.shape}: at least one sample and one "
+        raise ValueError(f"M: found array with shape {array.shape}: at least one sample and one "
                          "feature are required")  # fmt: skip
     dtype = np.dtype(np.float32) if array.dtype == np.float32 else np.dtype(np.float64)
     array = array.astype(dtype, copy=False)
     if not np.isfinite(array).all():
-        raise ValueError("Input contains NaN or infinity.")
+        raise ValueError("M: input contains NaN or infinity.")
     return from_numpy(array), dtype
 
 
