@@ -27,7 +27,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowrank import linalg, nn, ops
+from lowrank import compat, linalg, nn, ops, optim
+from lowrank import sklearn as sk
 from lowrank.ops import sketch, sltrain
 
 ALLOWED = (ValueError, TypeError, IndexError, NotImplementedError)
@@ -544,6 +545,7 @@ def targets() -> list[Target]:
         )
     )
     targets_of_conversion(t)
+    targets_of_optimizers_and_estimators(t)
     return t
 
 
@@ -590,6 +592,65 @@ def targets_of_conversion(t: list[Target]) -> None:
             lambda: {"model": small_model(), "directory": saved},
         )
     )
+
+
+def galore_step(lr, rank, update_proj_gap, scale, proj_type, grad):
+    # A gradient of another shape or dtype cannot be attached (torch refuses): the parameter
+    # takes the gradient's shape and dtype, so what reaches the optimizer is the malformed part.
+    like = isinstance(grad, torch.Tensor) and grad.is_floating_point()
+    weight = torch.nn.Parameter(torch.zeros_like(grad) if like else torch.zeros(8, 6))
+    group = {"params": [weight], "rank": rank, "update_proj_gap": update_proj_gap,
+             "scale": scale, "proj_type": proj_type}  # fmt: skip
+    optimizer = optim.GaLoreAdamW([group], lr=lr)
+    weight.grad = grad if like else None
+    optimizer.step()
+
+
+def pca_fit(X, n_components, svd_solver, iterated_power):
+    sk.PCA(n_components, svd_solver=svd_solver, iterated_power=iterated_power,
+           random_state=0).fit(X)  # fmt: skip
+
+
+def targets_of_optimizers_and_estimators(t: list[Target]) -> None:
+    """GaLore, the scikit-learn estimators and the torch / scikit-learn drop-ins."""
+    t.append(
+        Target(
+            "optim.GaLoreAdamW.step",
+            galore_step,
+            {"lr": "float", "rank": "int", "update_proj_gap": "int", "scale": "float",
+             "proj_type": "str", "grad": "tensor"},
+            lambda: {"lr": 1e-3, "rank": 2, "update_proj_gap": 10, "scale": 0.25,
+                     "proj_type": "std", "grad": f32(8, 6)},
+        )
+    )  # fmt: skip
+    t.append(
+        Target(
+            "sklearn.PCA.fit",
+            pca_fit,
+            {"X": "array", "n_components": "int", "svd_solver": "str", "iterated_power": "int"},
+            lambda: {"X": np.random.default_rng(0).standard_normal((20, 6)), "n_components": 2,
+                     "svd_solver": "randomized", "iterated_power": 2},
+            # scikit-learn's own wording for a malformed X, which the estimator keeps
+            aliases=("array", "n_samples"),
+        )
+    )  # fmt: skip
+    t.append(
+        Target(
+            "compat.svd_lowrank",
+            compat.svd_lowrank,
+            {"A": "tensor", "q": "int", "niter": "int"},
+            lambda: {"A": f32(10, 7), "q": 3, "niter": 2},
+        )
+    )
+    t.append(
+        Target(
+            "compat.randomized_svd",
+            compat.randomized_svd,
+            {"M": "array", "n_components": "int", "n_iter": "int"},
+            lambda: {"M": np.random.default_rng(0).standard_normal((12, 7)), "n_components": 3,
+                     "n_iter": 2},
+        )
+    )  # fmt: skip
 
 
 # ---- malformed values ----------------------------------------------------------------------
