@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lowrank import _validate as check
+from lowrank.linalg import cholesky_damped
 from lowrank.linalg.error import relative_residual
 from lowrank.nn import calibration as calib
 from lowrank.nn._base import AdapterLinear
@@ -384,8 +385,6 @@ def _layer_report(names, linear, new, kind: Kind, gram, seconds, note) -> LayerR
                          note=note)  # fmt: skip
     if kind.adapter:  # the base stays and the adapter adds to it
         return report
-    from lowrank.nn.lowrank import cholesky_damped
-
     with torch.no_grad():
         w, dense = linear.weight.detach().double(), new.to_dense().detach().double()
         report.weight_error = relative_residual(w, dense)
