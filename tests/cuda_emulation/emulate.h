@@ -152,7 +152,8 @@ class Block {
     check_lanes(0, size_);  // the end of the kernel is the warps' last convergence
   }
 
-  // The calling thread arrives at __syncthreads (block) or __syncwarp of its warp.
+  // The calling thread arrives at __syncthreads (block), or at __syncwarp or a WMMA *_sync call
+  // of its warp, and waits there until every thread of the block (warp) has.
   void arrive(bool block, const std::source_location& site) {
     const unsigned t = current_thread;
     Barrier& barrier = block ? block_ : warps_[t / 32];
