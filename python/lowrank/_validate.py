@@ -154,6 +154,22 @@ def same_device(**tensors: torch.Tensor) -> None:
             )
 
 
+def companion(
+    name: str, t: Any, x: torch.Tensor, shape: tuple[int, ...], meaning: str = ""
+) -> None:
+    """``t`` goes with ``x`` (a gradient, a saved intermediate): a floating tensor of
+    ``x``'s dtype and device and of ``shape``. One combined test on the hot path; the
+    itemised checks only to explain a failure."""
+    tensor(name, t)
+    if t.dtype == x.dtype and t.device == x.device and tuple(t.shape) == shape:
+        return
+    floating(name, t)
+    same_dtype(**{name: t, "x": x})
+    same_device(**{name: t, "x": x})
+    note = f" ({meaning})" if meaning else ""
+    raise ValueError(f"{name} must have shape {shape}{note}, got {tuple(t.shape)}")
+
+
 def positive_int(name: str, value: Any) -> int:
     """A positive Python int (NumPy integers accepted); ValueError otherwise."""
     if isinstance(value, bool):

@@ -158,12 +158,7 @@ def _check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[int, int,
 
 
 def _check_grad(grad: torch.Tensor, x: torch.Tensor, p: int, r: int) -> None:
-    check.floating("grad", grad)
-    check.same_dtype(grad=grad, x=x)
-    check.same_device(grad=grad, x=x)
-    expected = (*x.shape[:-1], p * r)
-    if tuple(grad.shape) != expected:
-        raise ValueError(f"grad must have shape {expected}, got {tuple(grad.shape)}")
+    check.companion("grad", grad, x, (*x.shape[:-1], p * r))
 
 
 def _check_output_like(name: str, t: torch.Tensor, x: torch.Tensor, p: int, r: int) -> None:

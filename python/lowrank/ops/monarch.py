@@ -129,13 +129,7 @@ def _check(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[int, ..
 
 
 def _check_grad(grad, x, l, s):
-    expected = (*x.shape[:-1], l * s)
-    check.tensor("grad", grad)
-    if not (grad.dtype == x.dtype and grad.device == x.device and tuple(grad.shape) == expected):
-        check.floating("grad", grad)
-        check.same_dtype(grad=grad, x=x)
-        check.same_device(grad=grad, x=x)
-        raise ValueError(f"grad must have shape {expected}, got {tuple(grad.shape)}")
+    check.companion("grad", grad, x, (*x.shape[:-1], l * s))
 
 
 def reference_is_faster(x: torch.Tensor, w1: torch.Tensor) -> bool:
@@ -391,13 +385,7 @@ def _backward_kernel(grad, x, w1, w2, need_x, need_w1, need_w2, h=None):
 
 
 def _check_h(h, x, kq):
-    expected = (*x.shape[:-1], kq)
-    check.tensor("h", h)
-    if not (h.dtype == x.dtype and h.device == x.device and tuple(h.shape) == expected):
-        check.floating("h", h)
-        check.same_dtype(h=h, x=x)
-        check.same_device(h=h, x=x)
-        raise ValueError(f"h must have shape {expected} (x's tokens, k*q), got {tuple(h.shape)}")
+    check.companion("h", h, x, (*x.shape[:-1], kq), "x's tokens, k*q")
 
 
 for _device in ("cpu", "cuda"):

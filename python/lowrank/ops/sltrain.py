@@ -531,22 +531,11 @@ def _backward_kernel(grad, x, B, A, values, indices, scale, path, need_x, need_b
 
 
 def _check_w(w, x, out, inp):
-    check.tensor("w", w)
-    if not (w.dtype == x.dtype and w.device == x.device and tuple(w.shape) == (out, inp)):
-        check.floating("w", w)
-        check.same_dtype(w=w, x=x)
-        check.same_device(w=w, x=x)
-        raise ValueError(f"w must have shape {(out, inp)} (out, in), got {tuple(w.shape)}")
+    check.companion("w", w, x, (out, inp), "out, in")
 
 
 def _check_grad(grad, x, out):
-    expected = (*x.shape[:-1], out)
-    check.tensor("grad", grad)
-    if not (grad.dtype == x.dtype and grad.device == x.device and tuple(grad.shape) == expected):
-        check.floating("grad", grad)
-        check.same_dtype(grad=grad, x=x)
-        check.same_device(grad=grad, x=x)
-        raise ValueError(f"grad must have shape {expected}, got {tuple(grad.shape)}")
+    check.companion("grad", grad, x, (*x.shape[:-1], out))
 
 
 def _rebuild_kernel(B, A, values, indices, scale):
