@@ -86,6 +86,9 @@ class _Data:
             self._check_shape(estimator, X.shape, reset, min_features, name)
             self.stream, self.dtype = X, X.dtype.type
             return
+        dtype = np.asarray(X).dtype if isinstance(X, (list, tuple)) else getattr(X, "dtype", None)
+        if isinstance(dtype, np.dtype) and dtype.kind == "c":  # scikit-learn's wording, naming X
+            raise ValueError(f"Complex data not supported: X must be real, got {dtype}")
         X = validate_data(estimator, X, accept_sparse=("csr", "csc"),
                           dtype=[np.float64, np.float32], ensure_min_features=min_features,
                           reset=reset)  # fmt: skip
