@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -624,12 +625,15 @@ def test_verify_cuda(clean, monkeypatch, fake_gpus):
         commands.append(command)
         return subprocess.CompletedProcess(command, exit_status)
 
+    # this suite's folder, given explicitly: an installed (non-editable) package has none
+    # next to it
+    suite = Path(__file__).resolve().parent
     monkeypatch.setattr(subprocess, "run", lambda c, cwd: run(c, cwd, 1))
     with pytest.raises(RuntimeError, match="did not pass on NVIDIA Fake H100"):
-        lowrank.verify_cuda()
+        lowrank.verify_cuda(suite)
     assert not dispatch.cuda_verified("cuda:0")
     monkeypatch.setattr(subprocess, "run", lambda c, cwd: run(c, cwd, 0))
-    lowrank.verify_cuda(None, "-k", "kron")
+    lowrank.verify_cuda(suite, "-k", "kron")
     assert dispatch.cuda_verified("cuda:0") and not dispatch.cuda_verified("cuda:1")
     assert commands[-1][1:5] == ["-m", "pytest", "-m", "cuda"] and commands[-1][-2:] == [
         "-k", "kron",
