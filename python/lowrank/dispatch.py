@@ -843,15 +843,23 @@ class Dispatcher:
             impl, out = self._confirm(key, sample, args, names, keep_output, kind, pending)
             if impl is None:  # another measurement is running: try again next call
                 return pending[0], _NOT_RUN
-            self.provisional.pop(settled, None)  # another thread may have confirmed it too
-            self.decided[settled] = impl
+            self._settle(settled, impl)
             return impl, out
         impl, out, final = self._decide_slowly(key, sample, args, names, keep_output, kind)
         if final == PROVISIONAL:
-            self.provisional[settled] = [impl, CONFIRM_AFTER]
+            with _lock:  # a thread that decided late must not undo another's settling
+                if settled not in self.decided:
+                    self.provisional.setdefault(settled, [impl, CONFIRM_AFTER])
         elif final or deterministic:  # deterministic mode never measures: static is final
-            self.decided[settled] = impl
+            self._settle(settled, impl)
         return impl, out
+
+    def _settle(self, settled: tuple, impl: Impl) -> None:
+        """``impl`` is final for ``settled``: a key is never both decided and provisional
+        (threads confirm, or read a confirmed cache entry, concurrently)."""
+        with _lock:
+            self.provisional.pop(settled, None)
+            self.decided[settled] = impl
 
     def _base_key(self, key, sample) -> tuple:
         """The key of the unrestricted candidates: what exclusions and the cache refer to."""
@@ -988,7 +996,9 @@ class Dispatcher:
             # Entries measured before candidates were checked are measured again.
             if entry is None or not entry.get("checked") or entry["choice"] not in allowed:
                 return None
-            _table[full] = Choice(entry["choice"], "cache", entry.get("ms"))
+            known = _table.get(full)
+            if known is None or known.source == "static":  # keep what this process measured
+                _table[full] = Choice(entry["choice"], "cache", entry.get("ms"))
             return self.by_name[entry["choice"]], bool(entry.get("confirmed", False))
 
     def _warm_up(self, check: _Check, options: list[Impl], args: tuple) -> list[Impl]:
