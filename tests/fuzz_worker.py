@@ -111,23 +111,17 @@ def targets() -> list[Target]:
             "path": "auto",
         }
 
-    t.append(
-        Target(
-            "ops.sltrain_matmul",
-            ops.sltrain_matmul,
-            {
-                "x": "tensor",
-                "B": "tensor",
-                "A": "tensor",
-                "values": "tensor",
-                "indices": "index",
-                "scale": "float",
-                "bias": "tensor",
-                "path": "str",
-            },
-            sl_valid,
-        )
-    )
+    sl_kinds = {
+        "x": "tensor",
+        "B": "tensor",
+        "A": "tensor",
+        "values": "tensor",
+        "indices": "index",
+        "scale": "float",
+        "bias": "tensor",
+    }
+    sl_matmul_kinds = {**sl_kinds, "path": "str"}
+    t.append(Target("ops.sltrain_matmul", ops.sltrain_matmul, sl_matmul_kinds, sl_valid))
     t.append(
         Target(
             "ops.sltrain.sltrain_rebuild",
@@ -302,15 +296,7 @@ def targets() -> list[Target]:
         Target(
             "torch.ops.lowrank.sltrain_matmul_with_w",
             torch.ops.lowrank.sltrain_matmul_with_w,
-            {
-                "x": "tensor",
-                "B": "tensor",
-                "A": "tensor",
-                "values": "tensor",
-                "indices": "index",
-                "scale": "float",
-                "bias": "tensor",
-            },
+            dict(sl_kinds),
             lambda: {k: v for k, v in sl_valid().items() if k != "path"},
             through_torch_ops=True,
         )
