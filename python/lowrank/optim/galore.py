@@ -33,6 +33,31 @@ treats them, as pairs of reals); :func:`galore_groups` builds them from a model.
 
 The state dict resumes a run exactly: projectors and projected moments stay float32 for
 float16/bfloat16 weights, and the randomized refresh continues its seeds.
+
+The variants are options, each a small piece on the projector or in the step:
+
+- ``residual``: what becomes of the part of the gradient the projection drops, ``E = G -
+  back(R)`` (``R`` the projected gradient). ``"fira"`` (Chen et al. 2024, Fira) adds it
+  to the update scaled by Adam's own effect on ``R``, ``phi = ||psi(R)|| / ||R||`` with
+  ``psi(R) = m / (sqrt(v) + eps)`` the projected Adam direction, one factor per row or
+  column along the side the projection keeps (per row of ``E`` when projecting on the
+  right, per column on the left, one number for ``"full"``; 0 where that part of ``R`` is
+  zero), through the same bias-corrected step size: ``W -= step_size (scale back(psi) +
+  S)``, ``S = phi * E``. Its norm-growth limiter rescales ``S`` to ``limiter_gamma`` times
+  the previous step's ``||S||`` when it would grow faster (``state["fira_norm"]``, one
+  number). ``"signsgd"`` and ``"sgd"`` (Zmushko et al. 2024, FRUGAL) update with ``E``
+  by a state-free rule at the group's ``residual_lr`` (default its ``lr``, no bias
+  correction): ``W -= residual_lr sign(E)`` or ``W -= residual_lr E``, after the Adam part.
+  Weight decay applies after both. The moments are kept across refreshes, as GaLore's.
+- ``projector``: ``"svd"`` (GaLore's), ``"dct"`` (the DCT columns on which the gradient has
+  most energy, chosen by FFT, stored as indices: :class:`~lowrank.optim.projector.
+  DCTProjection`) or ``"random"`` (random rows or columns, FRUGAL's RandK:
+  :class:`~lowrank.optim.projector.RandomProjection`).
+- ``projector_bits`` (8 or 4) with ``group_size``: the SVD projector stored quantized
+  (Q-GaLore), dequantized at each use (:class:`~lowrank.optim.projector.
+  QuantizedProjection`).
+- ``lazy_refresh``: Q-GaLore's per-layer refresh intervals that grow while a layer's
+  subspace stays put (:class:`~lowrank.optim.projector.LazyGaLoreProjector`).
 """
 
 from __future__ import annotations
@@ -47,16 +72,24 @@ from torch import nn
 from lowrank import _validate as check
 from lowrank.optim.projector import (
     SIDES,
+    DCTProjection,
     GaLoreProjector,
+    LazyGaLoreProjector,
     Projection,
+    QuantizedProjection,
+    RandomProjection,
     Refresh,
     SVDProjection,
+    check_projector_bits,
     describe,
     leading_subspace,
     restore_saved_dtypes,
 )
 
 __all__ = ["SIDES", "GaLoreAdamW", "Refresh", "galore_groups", "leading_subspace"]
+
+PROJECTORS = ("svd", "dct", "random")
+RESIDUALS = (None, "fira", "sgd", "signsgd")
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -82,6 +115,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
             :class:`~lowrank.optim.projector.Projection`) instead of the SVD one that
             ``svd``, ``n_iter``, ``warm_iter`` and ``oversample`` describe (leave those at
             their defaults then).
+        residual: ``None`` (GaLore), ``"fira"``, ``"sgd"`` or ``"signsgd"`` (FRUGAL): the
+            update with the gradient's part outside the projection (module docstring); a
+            group option (this is its default), as are ``limiter_gamma`` (Fira's
+            norm-growth limit, 1.01) and ``residual_lr`` (FRUGAL's rate for it, default the
+            group's ``lr``).
+        projector: ``"svd"``, ``"dct"`` or ``"random"`` (module docstring).
+        projector_bits: ``None`` (float32 projectors), 8 or 4: the SVD projector stored in
+            groups of ``group_size`` elements (a positive integer, even for 4 bits).
+        lazy_refresh: Q-GaLore's per-parameter refresh intervals: an interval (at first
+            the group's ``update_proj_gap``) grows by ``refresh_growth`` after
+            ``queue_size`` consecutive refreshes whose subspace similarity to the previous
+            projector is at least ``cos_threshold``
+            (:class:`~lowrank.optim.projector.LazyGaLoreProjector`).
+
+    Options are checked before any state exists: a bad one raises ``ValueError`` (a
+    wrong type ``TypeError``) naming it, and for a group option the group
+    (``param_groups[i]``).
     """
 
     def __init__(
@@ -99,16 +149,55 @@ class GaLoreAdamW(torch.optim.Optimizer):
         oversample: int = 10,
         seed: int = 0,
         projection: Projection | None = None,
+        residual: str | None = None,
+        limiter_gamma: float = 1.01,
+        residual_lr: float | None = None,
+        projector: str = "svd",
+        projector_bits: int | None = None,
+        group_size: int = 256,
+        lazy_refresh: bool = False,
+        cos_threshold: float = 0.4,
+        queue_size: int = 5,
+        refresh_growth: float = 2.0,
     ) -> None:
-        if projection is None:
+        if projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {PROJECTORS}, got {projector!r}")
+        svd_options = (svd, n_iter, warm_iter, oversample) != ("randomized", 2, 0, 10)
+        if projection is None and projector == "svd":
             projection = SVDProjection(svd, n_iter=n_iter, warm_iter=warm_iter,
                                        oversample=oversample)  # fmt: skip
-        elif (svd, n_iter, warm_iter, oversample) != ("randomized", 2, 0, 10):
+        elif svd_options:
             raise ValueError("svd, n_iter, warm_iter and oversample describe the SVD "
                              "projection; leave them at their defaults")  # fmt: skip
-        self.projector = GaLoreProjector(projection, seed=seed)
+        elif projection is None:
+            projection = DCTProjection() if projector == "dct" else RandomProjection()
+        elif projector != "svd":
+            raise ValueError(f"projector={projector!r} and projection= both choose the "
+                             "projection; give one")  # fmt: skip
+        if projector_bits is not None:
+            check_projector_bits(projector_bits)
+            if projector != "svd":
+                raise ValueError(f"projector_bits quantizes dense projectors; "
+                                 f"projector={projector!r} is stored as indices")  # fmt: skip
+            projection = QuantizedProjection(projection, projector_bits, group_size)
+        elif group_size != 256:
+            raise ValueError("group_size applies to quantized projectors (projector_bits)")
+        if not isinstance(lazy_refresh, bool):
+            raise TypeError(f"lazy_refresh must be True or False, got {lazy_refresh!r}")
+        if lazy_refresh:
+            self.projector = LazyGaLoreProjector(
+                projection, seed=seed, cos_threshold=cos_threshold, queue_size=queue_size,
+                growth=refresh_growth,
+            )  # fmt: skip
+        elif (cos_threshold, queue_size, refresh_growth) != (0.4, 5, 2.0):
+            raise ValueError("cos_threshold, queue_size and refresh_growth describe the lazy "
+                             "refresh: give lazy_refresh=True or leave them at their "
+                             "defaults")  # fmt: skip
+        else:
+            self.projector = GaLoreProjector(projection, seed=seed)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                    "correct_bias": correct_bias}  # fmt: skip
+                    "correct_bias": correct_bias, "residual": residual,
+                    "limiter_gamma": limiter_gamma, "residual_lr": residual_lr}  # fmt: skip
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
@@ -125,9 +214,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         try:
             _check_hyperparameters(group)
             self.projector.configure(group)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as error:
             self.param_groups.pop()
-            raise
+            raise type(error)(f"param_groups[{len(self.param_groups)}]: {error}") from None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, keeping every state tensor in the
@@ -162,6 +251,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 projected = self.projector.active(state)
                 if projected:
                     grad = self.projector.project(state, grad)
+                    residual = group["residual"]
                 elif p.is_complex():  # as torch.optim.AdamW: the real and imaginary parts
                     grad, target = torch.view_as_real(grad), torch.view_as_real(p)
                 if "exp_avg" not in state:
@@ -179,11 +269,45 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
                 update = exp_avg / denom
                 if projected:
+                    low_update = update
                     update = self.projector.project_back(state, update) * group["scale"]
+                    if residual == "fira":
+                        rest = self._residual(state, p.grad, grad)
+                        update = update + self._fira(state, group, rest, grad, low_update)
                 target.add_(update.to(target.dtype), alpha=-step_size)
+                if projected and residual in ("sgd", "signsgd"):
+                    rest = self._residual(state, p.grad, grad)
+                    if residual == "signsgd":
+                        rest = rest.sign_()
+                    rate = lr if group["residual_lr"] is None else float(group["residual_lr"])
+                    target.add_(rest.to(target.dtype), alpha=-rate)
                 if group["weight_decay"] > 0.0:
                     target.add_(target, alpha=-lr * group["weight_decay"])
         return loss
+
+    def _residual(self, state: dict, grad: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """The gradient's part outside the projection, ``G - back(R)`` (``R = low``, the
+        projected gradient), in the projector's dtype."""
+        return grad.to(low.dtype) - self.projector.project_back(state, low)
+
+    @staticmethod
+    def _fira(state: dict, group: dict, rest: torch.Tensor, low: torch.Tensor,
+              psi: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Fira's scaled residual ``phi * rest`` with its norm-growth limiter (module
+        docstring): ``low`` is the projected gradient ``R``, ``psi`` Adam's direction."""
+        side = SIDES[state["side"]]
+        dim = {"right": -1, "left": -2, "full": (-2, -1)}[side]
+        num = torch.linalg.vector_norm(psi, dim=dim, keepdim=True)
+        den = torch.linalg.vector_norm(low, dim=dim, keepdim=True)
+        scaled = rest * torch.where(den > 0, num / den, 0.0)
+        norm = torch.linalg.vector_norm(scaled)
+        previous = state.get("fira_norm")
+        if previous is not None:  # no limit before a previous norm exists, or from zero
+            limit = group["limiter_gamma"] * previous
+            factor = torch.where((previous > 0) & (norm > limit), limit / norm, 1.0)
+            scaled, norm = scaled * factor, norm * factor
+        state["fira_norm"] = norm
+        return scaled
 
     def _check_step(self) -> None:
         """Before anything changes: no sparse gradient, and each group's ``lr`` (and ``lr *
@@ -206,16 +330,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # ---- reporting -----------------------------------------------------------------------------
 
     def memory_report(self) -> list[dict]:
-        """Per parameter: its shape, the bytes of its optimizer state (moments and
-        projector) and what AdamW would hold (two full-size moments)."""
+        """Per parameter: its shape, the bytes of its optimizer state as stored (moments,
+        the projector in whatever form it is kept: dense, quantized codes with their
+        group offsets and steps, or indices; Fira's limiter), of which the projector's,
+        and what AdamW would hold (two full-size moments)."""
+        keys = self.projector.projection.keys
         rows = []
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p, {})
-                held = sum(t.numel() * t.element_size() for t in state.values()
-                           if isinstance(t, torch.Tensor))  # fmt: skip
+                sizes = {k: t.numel() * t.element_size() for k, t in state.items()
+                         if isinstance(t, torch.Tensor)}  # fmt: skip
                 rows.append({"shape": tuple(p.shape), "projected": self.projector.active(state),
-                             "state_bytes": held,
+                             "state_bytes": sum(sizes.values()),
+                             "projector_bytes": sum(v for k, v in sizes.items() if k in keys),
                              "adamw_bytes": 2 * p.numel() * p.element_size()})  # fmt: skip
         return rows
 
@@ -242,6 +370,11 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError(f"betas must be in [0, 1), got {betas}")
     check.real("eps", group["eps"], 0.0)
     check.real("weight_decay", group["weight_decay"], 0.0)
+    if group.get("residual") not in RESIDUALS:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {group['residual']!r}")
+    check.real("limiter_gamma", group.get("limiter_gamma", 1.01), 1.0)
+    if group.get("residual_lr") is not None:
+        check.real("residual_lr", group["residual_lr"], 0.0)
 
 
 def galore_groups(

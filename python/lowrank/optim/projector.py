@@ -47,7 +47,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
@@ -68,11 +68,14 @@ Entry = tuple[torch.Tensor, dict, dict]
 
 @dataclass
 class Refresh:
-    """One refresh: the optimizer step, how many matrices, the seconds it took."""
+    """One refresh: the optimizer step, how many matrices, the seconds it took, and (lazy
+    refresh, :class:`LazyGaLoreProjector`) each refreshed parameter's refresh interval from
+    then on, by name (the group's ``param_names``, else its position and shape)."""
 
     step: int
     matrices: int
     seconds: float
+    intervals: dict[str, int] = field(default_factory=dict)
 
 
 def side_of(shape: tuple[int, int], proj_type: str) -> str:
@@ -248,6 +251,256 @@ class SVDProjection(Projection):
         return rsvd(a, rank, oversample=self.oversample, n_iter=self.n_iter, seed=seed)
 
 
+# ---- projections stored as indices: DCT columns and random coordinates ----------------------
+
+
+def dct(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The orthonormal DCT-II of ``x`` along ``dim`` by one FFT of the same length.
+
+    ``y_k = s_k sum_j x_j cos(pi (2j + 1) k / (2n))`` with ``s_0 = sqrt(1/n)``, ``s_k =
+    sqrt(2/n)``: ``y = x Q`` for a row ``x`` and ``Q`` the orthonormal DCT-II basis (its
+    column ``k`` the ``k``-th cosine). Makhoul's reordering ``v = (x_0, x_2, x_4, ...,
+    x_5, x_3, x_1)`` gives ``y_k = s_k Re(exp(-i pi k / (2n)) FFT(v)_k)``: ``O(n log n)``
+    per vector where the product with ``Q`` costs ``O(n^2)``.
+    """
+    x = x.movedim(dim, -1)
+    n = x.shape[-1]
+    v = torch.cat((x[..., ::2], x[..., 1::2].flip(-1)), dim=-1)
+    k = torch.arange(n, dtype=torch.float64, device=x.device)
+    twiddle = torch.polar(torch.ones_like(k), -math.pi * k / (2 * n)).to(
+        torch.promote_types(x.dtype, torch.float32).to_complex()
+    )
+    y = (torch.fft.fft(v, dim=-1) * twiddle).real * math.sqrt(2.0 / n)
+    y[..., 0] *= math.sqrt(0.5)
+    return y.to(x.dtype).movedim(-1, dim)
+
+
+def dct_basis(size: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Columns ``index`` of the orthonormal DCT-II basis of length ``size`` (``size x r``),
+    computed from the indices (the angle reduced exactly in integers, then in float64)."""
+    j = torch.arange(size, dtype=torch.int64, device=index.device)
+    k = index.to(torch.int64)
+    angle = ((2 * j[:, None] + 1) * k[None, :]) % (4 * size)  # cos has period 4n here
+    basis = torch.cos(angle.to(torch.float64) * (math.pi / (2 * size))) * math.sqrt(2.0 / size)
+    basis = torch.where(k == 0, math.sqrt(1.0 / size), basis)
+    return basis.to(dtype)
+
+
+class IndexProjection(Projection):
+    """A projector that keeps ``rank`` vectors of a fixed orthonormal basis along the
+    projected side, stored as their indices (``"projector_index"``, int32, with the side's
+    length ``"projector_size"``; for ``"full"`` the right side's in ``"..._vh"``).
+
+    A subclass chooses the indices (:meth:`select`) and applies the basis (:meth:`apply`,
+    :meth:`apply_back`) along the last dimension.
+    """
+
+    keys = frozenset(("projector_index", "projector_size", "projector_index_vh",
+                      "projector_size_vh"))  # fmt: skip
+
+    def select(self, x: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
+        """The indices (``b x rank``) to keep along the last dimension of ``x`` (``b x a x
+        c``) for each of the ``b`` matrices."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+        """``x`` (``... x size``) in the kept basis vectors' coordinates (``... x r``)."""
+        raise NotImplementedError
+
+    def apply_back(self, y: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+        """Coordinates ``y`` (``... x r``) back along the kept basis vectors (``... x size``)."""
+        raise NotImplementedError
+
+    def compute(self, grads, side, rank, previous, seed):
+        m, n = grads.shape[-2:]
+        result = [{} for _ in grads]
+        if side in ("left", "full"):  # along the rows: the columns of G^T
+            for tensors, index in zip(result, self.select(grads.mT, rank, seed)):
+                tensors.update(projector_index=index.to(torch.int32), projector_size=m)
+        if side in ("right", "full"):
+            suffix = "_vh" if side == "full" else ""
+            for tensors, index in zip(result, self.select(grads, rank, seed + 1)):
+                tensors["projector_index" + suffix] = index.to(torch.int32)
+                tensors["projector_size" + suffix] = n
+        return result
+
+    def project(self, state, side, grad):
+        g = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        if side == "right":
+            return self.apply(g, state["projector_index"], state["projector_size"])
+        low = self.apply(g.mT, state["projector_index"], state["projector_size"]).mT
+        if side == "left":
+            return low
+        return self.apply(low, state["projector_index_vh"], state["projector_size_vh"])
+
+    def project_back(self, state, side, low):
+        if side == "right":
+            return self.apply_back(low, state["projector_index"], state["projector_size"])
+        if side == "full":
+            low = self.apply_back(low, state["projector_index_vh"], state["projector_size_vh"])
+        return self.apply_back(low.mT, state["projector_index"], state["projector_size"]).mT
+
+
+class DCTProjection(IndexProjection):
+    """The DCT projector of SVD-free low-rank gradient optimisation: of the orthonormal
+    DCT-II basis ``Q`` along the projected side, the ``rank`` vectors on which the gradient
+    has the most energy, the columns of ``S = G Q`` (right side; ``Q^T G``'s rows on the
+    left) with the largest norms, in descending order.
+
+    ``S`` is computed by FFT (:func:`dct`), ``O(m n log n)`` per refresh; the projector is
+    stored as the ``rank`` indices, and applied as the ``size x rank`` cosines they name,
+    built at each use (``O(n r)``, against the ``O(m n r)`` product with the gradient).
+    """
+
+    def select(self, x, rank, seed):
+        energy = dct(x, -1).square().sum(-2)
+        return torch.topk(energy, rank, dim=-1).indices
+
+    def apply(self, x, index, size):
+        return x @ dct_basis(size, index, x.dtype)
+
+    def apply_back(self, y, index, size):
+        return y @ dct_basis(size, index, y.dtype).mT
+
+
+class RandomProjection(IndexProjection):
+    """Random coordinates (FRUGAL's RandK): ``rank`` distinct rows or columns of the weight,
+    uniformly at random, fresh at every refresh; the projected gradient is those columns
+    of ``G`` (right side) or rows (left).
+
+    The draw is reproducible: the matrices of one batched refresh with seed ``s`` draw, in
+    order, ``torch.randperm(size, generator=g)[:rank]`` from one CPU generator seeded with
+    ``s`` (the left side's indices of a ``"full"`` projector from seed ``s``, the right
+    side's from ``s + 1``).
+    """
+
+    randomized = True
+
+    def select(self, x, rank, seed):
+        generator = torch.Generator().manual_seed(seed)
+        size = x.shape[-1]
+        draws = [torch.randperm(size, generator=generator)[:rank] for _ in range(x.shape[0])]
+        return torch.stack(draws).to(x.device)
+
+    def apply(self, x, index, size):
+        return x.index_select(-1, index)
+
+    def apply_back(self, y, index, size):
+        out = y.new_zeros(*y.shape[:-1], size)
+        return out.index_copy_(-1, index.to(torch.int64), y)
+
+
+# ---- projectors stored quantized ------------------------------------------------------------
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int) -> dict:
+    """``x`` in ``bits``-bit codes (8 or 4), per group of ``group_size`` consecutive
+    elements (of the flattened tensor; the last group padded with its last element):
+    ``code = round((x - low) / step)`` with ``low`` the group's minimum and ``step = (max -
+    min) / (2^bits - 1)``, both float32.
+
+    The grid spans each group's own range, so a group of one sign keeps its sign and its
+    extremes exactly, and a constant group (``step = 0``) comes back exactly; 4-bit codes
+    are packed two to a byte. Returns ``codes`` (uint8), ``low``, ``step`` and ``shape``.
+    """
+    flat = x.detach().reshape(-1).to(torch.float32)
+    pad = -flat.numel() % group_size
+    if pad:
+        flat = torch.cat((flat, flat[-1:].expand(pad)))
+    groups = flat.view(-1, group_size)
+    low = groups.amin(-1)
+    step = (groups.amax(-1) - low) / (2**bits - 1)
+    scaled = (groups - low[:, None]) / torch.where(step > 0, step, 1.0)[:, None]
+    codes = scaled.round_().clamp_(0, 2**bits - 1).to(torch.uint8)
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return {"codes": codes, "low": low, "step": step, "shape": tuple(x.shape)}
+
+
+def dequantize(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor, shape: Sequence[int],
+               bits: int) -> torch.Tensor:  # fmt: skip
+    """The float32 tensor of shape ``shape`` that :func:`quantize`'s codes stand for:
+    ``low + code * step`` per group."""
+    if bits == 4:
+        codes = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+    values = low[:, None] + codes.to(torch.float32) * step[:, None]
+    return values.reshape(-1)[: math.prod(shape)].view(tuple(shape))
+
+
+class QuantizedProjection(Projection):
+    """Another projection's dense factors stored in ``bits``-bit groups (Q-GaLore's
+    quantized projectors) and dequantized on each use (:func:`quantize`).
+
+    For each of the inner projection's tensors ``key`` the state holds ``key + "_codes"``,
+    ``"_low"``, ``"_step"`` and ``"_shape"``. A warm-started refresh starts from the
+    dequantized previous projector.
+
+    Args:
+        inner: the projection whose dense factors are stored (e.g. :class:`SVDProjection`).
+        bits: 8 or 4.
+        group_size: elements per group; a positive integer, even for 4 bits (two codes a
+            byte, a group in whole bytes).
+    """
+
+    PARTS = ("_codes", "_low", "_step", "_shape")
+
+    def __init__(self, inner: Projection, bits: int = 4, group_size: int = 256) -> None:
+        dense = isinstance(inner, Projection) and not isinstance(
+            inner, (IndexProjection, QuantizedProjection)
+        )
+        if not dense:
+            raise TypeError("projector_bits quantizes a projection stored as dense factors "
+                            f"(the SVD one), not {type(inner).__name__}")  # fmt: skip
+        self.inner = inner
+        self.bits = check_projector_bits(bits)
+        self.group_size = check_group_size(group_size, bits)
+        self.randomized = inner.randomized
+        self.keys = frozenset(k + part for k in inner.keys for part in self.PARTS)
+
+    def dense(self, state: dict) -> dict:
+        """The inner projection's tensors, dequantized, from ``state``."""
+        return {k: dequantize(state[k + "_codes"], state[k + "_low"], state[k + "_step"],
+                              state[k + "_shape"], self.bits)
+                for k in self.inner.keys if k + "_codes" in state}  # fmt: skip
+
+    def warm_starts(self, state, side, rank):
+        return self.inner.warm_starts(self.dense(state), side, rank)
+
+    def compute(self, grads, side, rank, previous, seed):
+        if previous is not None:
+            previous = [self.dense(state) for state in previous]
+        result = []
+        for tensors in self.inner.compute(grads, side, rank, previous, seed):
+            stored = {}
+            for key, value in tensors.items():
+                parts = quantize(value, self.bits, self.group_size)
+                stored.update({key + "_" + name: v for name, v in parts.items()})
+            result.append(stored)
+        return result
+
+    def project(self, state, side, grad):
+        return self.inner.project(self.dense(state), side, grad)
+
+    def project_back(self, state, side, low):
+        return self.inner.project_back(self.dense(state), side, low)
+
+
+def check_projector_bits(bits) -> int:
+    """``projector_bits``: 8 or 4."""
+    if isinstance(bits, bool) or bits not in (8, 4):
+        raise ValueError(f"projector_bits must be None, 8 or 4, got {bits!r}")
+    return int(bits)
+
+
+def check_group_size(group_size, bits: int) -> int:
+    """``group_size`` of ``bits``-bit projectors: a positive integer, even for 4 bits."""
+    size = check.positive_int("group_size", group_size)
+    if bits == 4 and size % 2:
+        raise ValueError(f"group_size must be even for 4-bit projectors (two codes a byte), "
+                         f"got {size}")  # fmt: skip
+    return size
+
+
 # ---- the projector -------------------------------------------------------------------------
 
 
@@ -290,9 +543,15 @@ class GaLoreProjector:
             raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got "
                              f"{group['proj_type']!r}")  # fmt: skip
         for p in group["params"]:
-            if p.dim() == 2 and p.is_complex():
+            if p.dim() != 2:
+                continue
+            if p.is_complex():
                 raise TypeError(f"{describe(p, group)} is complex ({p.dtype}); GaLore projects "
                                 "real weights only: put it in a group without rank")  # fmt: skip
+            if group["rank"] > min(p.shape):
+                raise ValueError(f"rank = {group['rank']} is larger than {describe(p, group)} "
+                                 f"allows: a rank-r projection of an m x n weight needs r <= "
+                                 f"min(m, n) = {min(p.shape)}")  # fmt: skip
 
     @staticmethod
     def projects(group: dict, param: torch.Tensor) -> bool:
@@ -379,6 +638,83 @@ class GaLoreProjector:
         seeds = [state["refresh_seed"] for state in states if "refresh_seed" in state]
         if seeds:
             self.seed = max(seeds)
+
+
+class LazyGaLoreProjector(GaLoreProjector):
+    """Q-GaLore's lazy, per-layer refresh schedule on :class:`GaLoreProjector`.
+
+    Each projected parameter has its own refresh interval, at first its group's
+    ``update_proj_gap``. At each refresh the new projector is compared with the previous
+    one: their similarity is ``||P_old^T P_new||_F^2 / r``, the mean squared cosine of the
+    principal angles between the two rank-``r`` subspaces (1 for the same subspace, 0 for
+    orthogonal ones; free of the sign and order of the vectors; computed for any projection
+    as ``project(old, project_back(new, I_r))``). When the last ``queue_size`` comparisons
+    of a parameter are all at least ``cos_threshold``, its interval is multiplied by
+    ``growth`` (rounded down) and the queue starts afresh; a comparison below the threshold
+    empties it. Layers whose subspace has settled are refreshed less and less often.
+
+    Per-parameter state: ``"refresh_interval"``, ``"refresh_at"`` (the step of the next
+    refresh) and ``"similar_refreshes"`` (the comparisons in the queue); each refresh's
+    intervals are in its :class:`Refresh` record.
+
+    Args:
+        projection, seed: as :class:`GaLoreProjector`.
+        cos_threshold: the similarity in [0, 1] above which a refresh counts as unchanged.
+        queue_size: consecutive unchanged refreshes before the interval grows.
+        growth: the factor (>= 1) the interval grows by.
+    """
+
+    def __init__(
+        self, projection: Projection | None = None, *, seed: int = 0, cos_threshold: float = 0.4,
+        queue_size: int = 5, growth: float = 2.0,
+    ) -> None:  # fmt: skip
+        super().__init__(projection, seed=seed)
+        self.cos_threshold = check.real("cos_threshold", cos_threshold, 0.0, 1.0)
+        self.queue_size = check.positive_int("queue_size", queue_size)
+        self.growth = check.real("growth", growth, 1.0)
+
+    def due(self, state: dict, group: dict) -> bool:
+        if "refresh_at" not in state:  # no projector yet, or one from the fixed schedule
+            return super().due(state, group)
+        return state.get("step", 0) >= state["refresh_at"]
+
+    def refresh(self, entries: Iterable[Entry]) -> None:
+        due = [(p, state, group) for p, state, group in entries if p.grad is not None
+               and self.projects(group, p) and self.due(state, group)]  # fmt: skip
+        before = [{key: state[key] for key in self.projection.keys | {"side"} if key in state}
+                  for _, state, _ in due]  # fmt: skip
+        logged = len(self.refresh_log)
+        super().refresh(due)
+        if len(self.refresh_log) == logged:
+            return
+        intervals = {}
+        for (p, state, group), old in zip(due, before):
+            interval = state.get("refresh_interval", group["update_proj_gap"])
+            similar = state.get("similar_refreshes", 0)
+            if old.get("side") == state["side"]:
+                if self.similarity(old, state, p) >= self.cos_threshold:
+                    similar += 1
+                    if similar >= self.queue_size:
+                        interval, similar = max(interval, int(interval * self.growth)), 0
+                else:
+                    similar = 0
+            state.update(refresh_interval=interval, similar_refreshes=similar,
+                         refresh_at=state.get("step", 0) + interval)  # fmt: skip
+            intervals[describe(p, group).removeprefix("parameter ")] = interval
+        self.refresh_log[-1].intervals = intervals
+
+    def similarity(self, old: dict, new: dict, param: torch.Tensor) -> float:
+        """``||P_old^T P_new||_F^2 / r`` of two projectors (states) of ``param`` on the same
+        side; 0 when their ranks differ."""
+        side = SIDES[new["side"]]
+        zero = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        shape = self.projection.project(new, side, zero).shape
+        if self.projection.project(old, side, zero).shape != shape:
+            return 0.0
+        rank = shape[-1] if side == "right" else shape[-2]
+        eye = torch.eye(rank, dtype=torch.float32, device=param.device)
+        overlap = self.projection.project(old, side, self.projection.project_back(new, side, eye))
+        return float(overlap.double().square().sum()) / rank
 
 
 def _check_finite(batch: list[Entry], grads: torch.Tensor) -> None:
