@@ -7,7 +7,19 @@ kind of projector pluggable (:class:`Projection`, :class:`SVDProjection`);
 """
 
 from lowrank.optim.galore import GaLoreAdamW, galore_groups
-from lowrank.optim.projector import GaLoreProjector, Projection, Refresh, SVDProjection
+from lowrank.optim.lora_pro import LoRAPro
+from lowrank.optim.projector import (
+    DCTProjection,
+    GaLoreProjector,
+    LazyGaLoreProjector,
+    Projection,
+    QuantizedProjection,
+    RandomProjection,
+    Refresh,
+    SVDProjection,
+)
+from lowrank.optim.wrapper import GaLore
 
-__all__ = ["GaLoreAdamW", "GaLoreProjector", "Projection", "Refresh", "SVDProjection",
+__all__ = ["DCTProjection", "GaLore", "GaLoreAdamW", "GaLoreProjector", "LazyGaLoreProjector",
+           "Projection", "QuantizedProjection", "RandomProjection", "Refresh", "SVDProjection",
            "galore_groups"]  # fmt: skip
