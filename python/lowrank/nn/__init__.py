@@ -5,6 +5,8 @@ Each conversion kind registers itself next to its layer (:mod:`lowrank.nn.regist
 """
 
 from lowrank.nn import calibration, checkpoints, lora, registry
+from lowrank.nn.allora import ALLoRAAdapter, ALLoRAConfig
+from lowrank.nn.compensate import CompensationReport, compensate
 from lowrank.nn.convert import ConversionReport, LayerReport, convert, unconvert
 from lowrank.nn.kron import KronConfig, KronLinear
 from lowrank.nn.kron_adapter import KronAdapter, KronAdapterConfig
@@ -14,8 +16,12 @@ from lowrank.nn.monarch import MonarchConfig, MonarchLinear
 from lowrank.nn.registry import ConversionContext, KindConfig, kinds, register_kind
 from lowrank.nn.saving import load, save
 from lowrank.nn.sltrain import SLTrainConfig, SLTrainLinear
+from lowrank.nn.svd_adapter import SVDAdapter
 
 __all__ = [
+    "ALLoRAAdapter",
+    "ALLoRAConfig",
+    "CompensationReport",
     "ConversionContext",
     "ConversionReport",
     "KindConfig",
@@ -32,8 +38,10 @@ __all__ = [
     "MonarchLinear",
     "SLTrainConfig",
     "SLTrainLinear",
+    "SVDAdapter",
     "calibration",
     "checkpoints",
+    "compensate",
     "convert",
     "kinds",
     "load",

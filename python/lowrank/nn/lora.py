@@ -331,9 +331,11 @@ def eva_ranks(spectra: dict[str, torch.Tensor], rank: int, rho: float) -> dict[s
 
 
 def peft_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    r"""``(tensors, adapter_config)`` of every :class:`LoRAAdapter` in ``model`` as PEFT's
-    LoRA format: keys ``base_model.model.<name>.lora_A.weight`` / ``.lora_B.weight``,
-    against the original (unmodified) base weights.
+    r"""``(tensors, adapter_config)`` of every adapter in ``model`` that gives plain LoRA
+    factors (:class:`LoRAAdapter` and the other adapters with a ``peft_factors()`` method,
+    e.g. :class:`lowrank.nn.svd_adapter.SVDAdapter`) as PEFT's LoRA format: keys
+    ``base_model.model.<name>.lora_A.weight`` / ``.lora_B.weight``, against the original
+    (unmodified) base weights.
 
     The config names exactly the adapted layers. PEFT matches a ``target_modules`` list and
     the keys of ``rank_pattern``/``alpha_pattern`` as name *suffixes* (``"q"`` also matches
@@ -352,7 +354,7 @@ def peft_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
     alphas: dict[str, float] = {}
     dropouts: dict[str, float] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, LoRAAdapter):
+        if not (isinstance(module, AdapterLinear) and hasattr(module, "peft_factors")):
             continue
         if module.merged:
             raise ValueError(f"{name}: unmerge the adapter before saving it for PEFT")
@@ -361,9 +363,10 @@ def peft_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
         ranks[name], alphas[name] = r, alpha
-        dropouts[name] = float(getattr(module.dropout, "p", 0.0))
+        dropouts[name] = float(getattr(getattr(module, "dropout", None), "p", 0.0))
     if not ranks:
-        raise ValueError("the model holds no LoRAAdapter")
+        raise ValueError("the model holds no LoRAAdapter (nor another adapter with "
+                         "peft_factors)")  # fmt: skip
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas[n] for n in ranks if ranks[n] == r).most_common(1)[0][0]
     dropout = Counter(dropouts.values()).most_common(1)[0][0]
