@@ -5,8 +5,6 @@ Each conversion kind registers itself next to its layer (:mod:`lowrank.nn.regist
 """
 
 from lowrank.nn import calibration, checkpoints, lora, registry
-from lowrank.nn.allora import ALLoRAAdapter, ALLoRAConfig
-from lowrank.nn.compensate import CompensationReport, compensate
 from lowrank.nn.convert import ConversionReport, LayerReport, convert, unconvert
 from lowrank.nn.kron import KronConfig, KronLinear
 from lowrank.nn.kron_adapter import KronAdapter, KronAdapterConfig
@@ -19,9 +17,6 @@ from lowrank.nn.sltrain import SLTrainConfig, SLTrainLinear
 from lowrank.nn.svd_adapter import SVDAdapter
 
 __all__ = [
-    "ALLoRAAdapter",
-    "ALLoRAConfig",
-    "CompensationReport",
     "ConversionContext",
     "ConversionReport",
     "KindConfig",
@@ -41,7 +36,6 @@ __all__ = [
     "SVDAdapter",
     "calibration",
     "checkpoints",
-    "compensate",
     "convert",
     "kinds",
     "load",
