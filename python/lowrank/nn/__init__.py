@@ -5,6 +5,7 @@ Each conversion kind registers itself next to its layer (:mod:`lowrank.nn.regist
 """
 
 from lowrank.nn import calibration, checkpoints, lora, registry
+from lowrank.nn.compensate import CompensationReport, compensate
 from lowrank.nn.convert import ConversionReport, LayerReport, convert, unconvert
 from lowrank.nn.kron import KronConfig, KronLinear
 from lowrank.nn.kron_adapter import KronAdapter, KronAdapterConfig
@@ -17,6 +18,7 @@ from lowrank.nn.sltrain import SLTrainConfig, SLTrainLinear
 from lowrank.nn.svd_adapter import SVDAdapter
 
 __all__ = [
+    "CompensationReport",
     "ConversionContext",
     "ConversionReport",
     "KindConfig",
@@ -36,6 +38,7 @@ __all__ = [
     "SVDAdapter",
     "calibration",
     "checkpoints",
+    "compensate",
     "convert",
     "kinds",
     "load",
