@@ -5,6 +5,7 @@ Each conversion kind registers itself next to its layer (:mod:`lowrank.nn.regist
 """
 
 from lowrank.nn import calibration, checkpoints, lora, registry
+from lowrank.nn.allora import ALLoRAAdapter, ALLoRAConfig
 from lowrank.nn.bone import BoneAdapter, BoneConfig
 from lowrank.nn.compensate import CompensationReport, compensate
 from lowrank.nn.convert import ConversionReport, LayerReport, convert, unconvert
@@ -19,6 +20,8 @@ from lowrank.nn.sltrain import SLTrainConfig, SLTrainLinear
 from lowrank.nn.svd_adapter import SVDAdapter
 
 __all__ = [
+    "ALLoRAAdapter",
+    "ALLoRAConfig",
     "BoneAdapter",
     "BoneConfig",
     "CompensationReport",

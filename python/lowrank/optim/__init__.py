@@ -21,5 +21,5 @@ from lowrank.optim.projector import (
 from lowrank.optim.wrapper import GaLore
 
 __all__ = ["DCTProjection", "GaLore", "GaLoreAdamW", "GaLoreProjector", "LazyGaLoreProjector",
-           "Projection", "QuantizedProjection", "RandomProjection", "Refresh", "SVDProjection",
-           "galore_groups"]  # fmt: skip
+           "LoRAPro", "Projection", "QuantizedProjection", "RandomProjection", "Refresh",
+           "SVDProjection", "galore_groups"]  # fmt: skip
