@@ -298,9 +298,9 @@ class IndexProjection(Projection):
     keys = frozenset(("projector_index", "projector_size", "projector_index_vh",
                       "projector_size_vh"))  # fmt: skip
 
-    def select(self, x: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
+    def select(self, x: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
         """The indices (``b x rank``) to keep along the last dimension of ``x`` (``b x a x
-        c``) for each of the ``b`` matrices."""
+        c``) for each of the ``b`` matrices (``generator``: the refresh's CPU generator)."""
         raise NotImplementedError
 
     def apply(self, x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -314,12 +314,13 @@ class IndexProjection(Projection):
     def compute(self, grads, side, rank, previous, seed):
         m, n = grads.shape[-2:]
         result = [{} for _ in grads]
+        generator = torch.Generator().manual_seed(seed) if self.randomized else None
         if side in ("left", "full"):  # along the rows: the columns of G^T
-            for tensors, index in zip(result, self.select(grads.mT, rank, seed)):
+            for tensors, index in zip(result, self.select(grads.mT, rank, generator)):
                 tensors.update(projector_index=index.to(torch.int32), projector_size=m)
         if side in ("right", "full"):
             suffix = "_vh" if side == "full" else ""
-            for tensors, index in zip(result, self.select(grads, rank, seed + 1)):
+            for tensors, index in zip(result, self.select(grads, rank, generator)):
                 tensors["projector_index" + suffix] = index.to(torch.int32)
                 tensors["projector_size" + suffix] = n
         return result
@@ -352,7 +353,7 @@ class DCTProjection(IndexProjection):
     built at each use (``O(n r)``, against the ``O(m n r)`` product with the gradient).
     """
 
-    def select(self, x, rank, seed):
+    def select(self, x, rank, generator):
         energy = dct(x, -1).square().sum(-2)
         return torch.topk(energy, rank, dim=-1).indices
 
@@ -368,16 +369,15 @@ class RandomProjection(IndexProjection):
     uniformly at random, fresh at every refresh; the projected gradient is those columns
     of ``G`` (right side) or rows (left).
 
-    The draw is reproducible: the matrices of one batched refresh with seed ``s`` draw, in
-    order, ``torch.randperm(size, generator=g)[:rank]`` from one CPU generator seeded with
-    ``s`` (the left side's indices of a ``"full"`` projector from seed ``s``, the right
-    side's from ``s + 1``).
+    The draw is reproducible: a batched refresh with seed ``s`` draws
+    ``torch.randperm(size, generator=g)[:rank]`` for each matrix in order from one CPU
+    generator ``g`` seeded with ``s``, the rows first (left side, and ``"full"``), then the
+    columns (right side, and ``"full"``).
     """
 
     randomized = True
 
-    def select(self, x, rank, seed):
-        generator = torch.Generator().manual_seed(seed)
+    def select(self, x, rank, generator):
         size = x.shape[-1]
         draws = [torch.randperm(size, generator=generator)[:rank] for _ in range(x.shape[0])]
         return torch.stack(draws).to(x.device)
@@ -457,10 +457,13 @@ class QuantizedProjection(Projection):
         self.randomized = inner.randomized
         self.keys = frozenset(k + part for k in inner.keys for part in self.PARTS)
 
-    def dense(self, state: dict) -> dict:
-        """The inner projection's tensors, dequantized, from ``state``."""
+    def dense(self, state: dict, dtype: torch.dtype = torch.float32) -> dict:
+        """The inner projection's tensors, dequantized, from ``state``: float32, or float64
+        for a float64 ``dtype`` (the values are float32's, applied at the gradient's
+        precision)."""
+        dtype = torch.promote_types(dtype, torch.float32)
         return {k: dequantize(state[k + "_codes"], state[k + "_low"], state[k + "_step"],
-                              state[k + "_shape"], self.bits)
+                              state[k + "_shape"], self.bits).to(dtype)
                 for k in self.inner.keys if k + "_codes" in state}  # fmt: skip
 
     def warm_starts(self, state, side, rank):
@@ -479,10 +482,10 @@ class QuantizedProjection(Projection):
         return result
 
     def project(self, state, side, grad):
-        return self.inner.project(self.dense(state), side, grad)
+        return self.inner.project(self.dense(state, grad.dtype), side, grad)
 
     def project_back(self, state, side, low):
-        return self.inner.project_back(self.dense(state), side, low)
+        return self.inner.project_back(self.dense(state, low.dtype), side, low)
 
 
 def check_projector_bits(bits) -> int:
@@ -708,11 +711,11 @@ class LazyGaLoreProjector(GaLoreProjector):
         side; 0 when their ranks differ."""
         side = SIDES[new["side"]]
         zero = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-        shape = self.projection.project(new, side, zero).shape
-        if self.projection.project(old, side, zero).shape != shape:
+        low = self.projection.project(new, side, zero)  # in the projector's dtype
+        if self.projection.project(old, side, zero).shape != low.shape:
             return 0.0
-        rank = shape[-1] if side == "right" else shape[-2]
-        eye = torch.eye(rank, dtype=torch.float32, device=param.device)
+        rank = low.shape[-1] if side == "right" else low.shape[-2]
+        eye = torch.eye(rank, dtype=low.dtype, device=param.device)
         overlap = self.projection.project(old, side, self.projection.project_back(new, side, eye))
         return float(overlap.double().square().sum()) / rank
 
