@@ -4,7 +4,7 @@ Each conversion kind registers itself next to its layer (:mod:`lowrank.nn.regist
 ``kinds()`` lists them, ``register_kind`` adds one from user code.
 """
 
-from lowrank.nn import calibration, checkpoints, lora, registry
+from lowrank.nn import calibration, checkpoints, lora, registry, svd_methods
 from lowrank.nn.allora import ALLoRAAdapter, ALLoRAConfig
 from lowrank.nn.bone import BoneAdapter, BoneConfig
 from lowrank.nn.compensate import CompensationReport, compensate
@@ -18,6 +18,18 @@ from lowrank.nn.registry import ConversionContext, KindConfig, kinds, register_k
 from lowrank.nn.saving import load, save
 from lowrank.nn.sltrain import SLTrainConfig, SLTrainLinear
 from lowrank.nn.svd_adapter import SVDAdapter
+from lowrank.nn.svd_methods import (
+    LoLDUAdapter,
+    LoLDUConfig,
+    LoRASBAdapter,
+    LoRASBConfig,
+    LoRAXSAdapter,
+    LoRAXSConfig,
+    SORSAAdapter,
+    SORSAConfig,
+    SVFitAdapter,
+    SVFitConfig,
+)
 
 __all__ = [
     "ALLoRAAdapter",
@@ -33,15 +45,25 @@ __all__ = [
     "KronConfig",
     "KronLinear",
     "LayerReport",
+    "LoLDUAdapter",
+    "LoLDUConfig",
     "LoRAAdapter",
     "LoRAConfig",
+    "LoRASBAdapter",
+    "LoRASBConfig",
+    "LoRAXSAdapter",
+    "LoRAXSConfig",
     "LowRankConfig",
     "LowRankLinear",
     "MonarchConfig",
     "MonarchLinear",
     "SLTrainConfig",
     "SLTrainLinear",
+    "SORSAAdapter",
+    "SORSAConfig",
     "SVDAdapter",
+    "SVFitAdapter",
+    "SVFitConfig",
     "calibration",
     "checkpoints",
     "compensate",
@@ -52,5 +74,6 @@ __all__ = [
     "register_kind",
     "registry",
     "save",
+    "svd_methods",
     "unconvert",
 ]

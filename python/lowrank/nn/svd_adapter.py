@@ -18,7 +18,8 @@ Contract for code built on the core (its public API):
   dtype=None)`` builds the structure with zero factors; :meth:`SVDAdapter.set_factors`
   gives them values. ``set_factors(..., residual=True)`` makes the base weight the
   residual ``W - s B C A`` (so the layer's function is unchanged) and keeps the initial
-  values the export needs (``C0``, and ``B0``/``A0`` for a trainable ``B``/``A``).
+  values the export needs (``C0 = s C`` at init, and ``B0``/``A0`` for a trainable
+  ``B``/``A``).
 - :meth:`SVDAdapter.core` is the ``C`` the function uses (``C`` itself); a subclass
   overrides it to mask or transform the core (e.g. pruned singular values), and
   :meth:`forward`, :meth:`delta_weight` and :meth:`peft_factors` follow.
@@ -178,9 +179,9 @@ class SVDAdapter(AdapterLinear):
     ) -> None:
         """Sets the factors (and optionally the scale). With ``residual`` the base weight
         becomes ``W - s B C A`` computed from the factors as stored (so the layer's
-        function is unchanged to rounding), and the initial ``C0`` (plus ``B0``/``A0`` for
-        trainable ``B``/``A``) are kept for the PEFT export. On the meta device only the
-        structure changes."""
+        function is unchanged to rounding), and the initial ``C0 = s C`` (the scale folded in,
+        so a trainable scale is covered; plus ``B0``/``A0`` for trainable ``B``/``A``) are
+        kept for the PEFT export. On the meta device only the structure changes."""
         if self.merged:
             raise RuntimeError(f"{type(self).__name__}.set_factors: unmerge the adapter first")
         for name, value in (("B", B), ("C", C), ("A", A)):
@@ -209,7 +210,7 @@ class SVDAdapter(AdapterLinear):
             self.B0 = self.C0 = self.A0 = None
 
     def _keep_initial(self) -> None:
-        self.C0 = self.C.detach().clone()
+        self.C0 = (self.scale * self.C).detach().to(self.C.dtype)
         self.B0 = self.B.detach().clone() if "B" in self.trainable else None
         self.A0 = self.A.detach().clone() if "A" in self.trainable else None
 
@@ -243,7 +244,7 @@ class SVDAdapter(AdapterLinear):
             b = self.B if self.B0 is None else self.B0
             a = self.A if self.A0 is None else self.A0
             bc = b * self.C0 if self.diagonal else b @ self.C0
-            w = w + (self.scale * (bc @ a)).detach().to(w.dtype)
+            w = w + (bc @ a).detach().to(w.dtype)
         return w
 
     # ---- PEFT ----------------------------------------------------------------------------------
@@ -251,22 +252,22 @@ class SVDAdapter(AdapterLinear):
     @torch.no_grad()
     def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         """``(lora_A, lora_B, r, lora_alpha)`` of the plain LoRA adapter with this layer's
-        function on the *original* base weight: ``(A, B C, r, s r)``; after a residual
-        init ``B (C - C0)`` when ``B`` and ``A`` are frozen (rank ``r``), else
-        ``[A; A0]``, ``[B C, -B0 C0]`` (rank ``2r``). PEFT's scale is ``lora_alpha / r``
-        (``s`` here)."""
+        function on the *original* base weight: ``(A, B C, r, s r)`` (PEFT's scale
+        ``lora_alpha / r`` is ``s``); after a residual init, with the scale folded into
+        ``lora_B`` (``lora_alpha = r``), ``(A, B (s C - C0), r, r)`` when ``B`` and ``A``
+        are frozen, else ``([A; A0], [s B C, -B0 C0], 2r, 2r)``."""
         core = self._core_matrix(self.core().detach())
         b, a, s = self.B.detach(), self.A.detach(), float(self.scale)
         if self.C0 is None:
             return a, b @ core, self.rank, s * self.rank
         core0 = self._core_matrix(self.C0.to(core.dtype))
         if self.B0 is None and self.A0 is None:
-            return a, b @ (core - core0), self.rank, s * self.rank
+            return a, b @ (s * core - core0), self.rank, float(self.rank)
         b0 = b if self.B0 is None else self.B0.to(b.dtype)
         a0 = a if self.A0 is None else self.A0.to(a.dtype)
         lora_a = torch.cat([a, a0], dim=0)
-        lora_b = torch.cat([b @ core, -(b0 @ core0)], dim=1)
-        return lora_a, lora_b, 2 * self.rank, 2 * s * self.rank
+        lora_b = torch.cat([s * (b @ core), -(b0 @ core0)], dim=1)
+        return lora_a, lora_b, 2 * self.rank, float(2 * self.rank)
 
     # ---- state ---------------------------------------------------------------------------------
 
