@@ -4,7 +4,8 @@ Each conversion kind registers itself next to its layer (:mod:`lowrank.nn.regist
 ``kinds()`` lists them, ``register_kind`` adds one from user code.
 """
 
-from lowrank.nn import calibration, checkpoints, lora, registry, svd_methods
+from lowrank.nn import adalora, calibration, checkpoints, lora, registry, svd_methods
+from lowrank.nn.adalora import AdaLoRAAdapter, AdaLoRAConfig
 from lowrank.nn.allora import ALLoRAAdapter, ALLoRAConfig
 from lowrank.nn.bone import BoneAdapter, BoneConfig
 from lowrank.nn.compensate import CompensationReport, compensate
@@ -34,6 +35,8 @@ from lowrank.nn.svd_methods import (
 __all__ = [
     "ALLoRAAdapter",
     "ALLoRAConfig",
+    "AdaLoRAAdapter",
+    "AdaLoRAConfig",
     "BoneAdapter",
     "BoneConfig",
     "CompensationReport",
@@ -64,6 +67,7 @@ __all__ = [
     "SVDAdapter",
     "SVFitAdapter",
     "SVFitConfig",
+    "adalora",
     "calibration",
     "checkpoints",
     "compensate",
