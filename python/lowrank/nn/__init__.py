@@ -15,6 +15,7 @@ from lowrank.nn.kron_adapter import KronAdapter, KronAdapterConfig
 from lowrank.nn.lora import LoRAAdapter, LoRAConfig
 from lowrank.nn.lowrank import LowRankConfig, LowRankLinear
 from lowrank.nn.monarch import MonarchConfig, MonarchLinear
+from lowrank.nn.randlora import RandLoRAAdapter, RandLoRAConfig
 from lowrank.nn.registry import ConversionContext, KindConfig, kinds, register_kind
 from lowrank.nn.saving import load, save
 from lowrank.nn.sltrain import SLTrainConfig, SLTrainLinear
@@ -60,6 +61,8 @@ __all__ = [
     "LowRankLinear",
     "MonarchConfig",
     "MonarchLinear",
+    "RandLoRAAdapter",
+    "RandLoRAConfig",
     "SLTrainConfig",
     "SLTrainLinear",
     "SORSAAdapter",
