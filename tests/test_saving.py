@@ -23,6 +23,8 @@ BUILT_IN = {
     "kron": {},
     "kron_adapter": {"rank": 2},
     "lora": {"rank": 2, "init": "pissa"},
+    "adalora": {"rank": 2, "target_rank": 1, "total_steps": 10},
+    "allora": {"rank": 2},
 }
 
 
