@@ -563,6 +563,11 @@ def targets_of_conversion(t: list[Target]) -> None:
         (nn.KronConfig, {"factors": ((2, 2), (4, 3)), "terms": 1},
          {"factors": "pair", "terms": "int"}),
         (nn.LowRankConfig, {"rank": 2, "tol": 0.1}, {"rank": "int", "tol": "float"}),
+        (nn.AdaLoRAConfig, {"rank": 4, "target_rank": 2, "total_steps": 10, "t_init": 2,
+                            "t_final": 2, "delta_t": 1, "beta1": 0.85, "orth_reg_weight": 0.1},
+         {"rank": "int", "target_rank": "int", "total_steps": "int", "t_init": "int",
+          "t_final": "int", "delta_t": "int", "beta1": "float", "orth_reg_weight": "float"}),
+        (nn.ALLoRAConfig, {"rank": 2, "eta": 1.0}, {"rank": "int", "eta": "float"}),
     )  # fmt: skip
     for config, valid, kinds in configs:
         t.append(Target(f"nn.{config.__name__}", config, kinds, lambda v=valid: dict(v)))
