@@ -156,9 +156,9 @@ class _ScaledBasisProduct(torch.autograd.Function):
             g2 = grad.reshape(-1, grad.shape[-1])
             grad_s = (h2.T @ g2 if ctx.transpose else g2.T @ h2).view(*lam.shape, -1)
             if ctx.needs_input_grad[1]:
-                grad_lam = torch.einsum("kij,kj,ij->ki", grad_s, a, gamma)
+                grad_lam = (grad_s * (a[:, None, :] * gamma[None])).sum(-1)
             if ctx.needs_input_grad[3]:
-                grad_gamma = torch.einsum("kij,kj,ki->ij", grad_s, a, lam)
+                grad_gamma = (grad_s * (lam[:, :, None] * a[:, None, :])).sum(0)
         return grad_h, grad_lam, None, grad_gamma, None
 
 
