@@ -46,6 +46,7 @@ from lowrank.linalg import cholesky_damped
 from lowrank.linalg.error import relative_residual
 from lowrank.nn import calibration as calib
 from lowrank.nn._base import AdapterLinear
+from lowrank.nn.allocation import ALLOCATIONS
 from lowrank.nn.registry import ConversionContext, Kind, KindConfig, get_kind, mark
 from lowrank.nn.registry import layer_classes as _layer_classes
 
@@ -77,6 +78,9 @@ class ConversionReport:
     allocation: str = ""
     calibration_seconds: float = 0.0
     seconds: float = 0.0
+    # Per targeted layer, whether the allocation judged it a low-rank component (filled by
+    # allocation="welore"; the others are left dense, in ``skipped``).
+    compressible: dict[str, bool] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON values (without the model)."""
@@ -90,6 +94,7 @@ class ConversionReport:
             "calibration_seconds": self.calibration_seconds,
             "layers": [_layer_dict(r) for r in self.layers],
             "skipped": [_layer_dict(r) for r in self.skipped],
+            "compressible": dict(self.compressible),
         }
 
     @property
@@ -256,7 +261,9 @@ def convert(
             passed as ``model(**batch)``, ``model(*batch)`` or ``model(batch)``.
         params: keep this fraction of the targeted layers' weight parameters (structured
             kinds); with ``allocation`` ``"global"`` (lowrank: across layers, see the
-            module docstring) or ``"uniform"``.
+            module docstring), ``"uniform"`` or ``"welore"`` (lowrank: WeLore's threshold
+            on the normalised spectra, which also leaves the layers that are not low-rank
+            components dense; :class:`LowRankConfig`).
         freeze: afterwards only the new layers train: every other parameter of the model
             gets ``requires_grad=False``. Default: True for the adapters (as PEFT's
             ``get_peft_model`` does; their base layers are frozen either way), False for
@@ -287,8 +294,8 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_filter(filter)
-    if allocation not in ("global", "uniform"):
-        raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if params is not None:
         params = check.real("params", params, 0.0, 1.0)
         if params == 0.0:

@@ -161,17 +161,35 @@ class LowRankConfig(KindConfig):
     """``convert(model, "lowrank", ...)``: exactly one of ``rank`` (every layer),
     ``tol`` (the smallest rank within this relative error, per layer) or the call's
     ``params=`` budget; ``seed`` for the randomized SVD. With calibration data the factors
-    fit the layers' outputs (whitened SVD)."""
+    fit the layers' outputs (whitened SVD).
+
+    With ``allocation="welore"`` (WeLore, :func:`lowrank.nn.allocation.welore_ranks`) the
+    ranks come from one threshold on every layer's min-max normalised singular values:
+    ``welore_threshold`` (in ``[0, 1]``) gives it, or the call's ``params=`` budget sets it
+    (give one of the two). Only the low-rank components are factored, the layers whose rank
+    reduction exceeds ``welore_min_reduction`` (default 0) and whose factors are smaller
+    than their weight; the others stay dense ``nn.Linear`` layers (listed in the report's
+    ``skipped`` with the reason). ``convert(..., freeze=True)`` then leaves only the
+    low-rank components trainable (WeLore's fine-tuning)."""
 
     rank: int | None = None
     tol: float | None = None
     seed: int = 0
+    welore_threshold: float | None = None
+    welore_min_reduction: float = 0.0
 
     def __post_init__(self):
+        from lowrank.nn.allocation import fraction_below_one
+
         if self.rank is not None:
             self.rank = check.positive_int("rank", self.rank)
         if self.tol is not None:
             self.tol = check.real("tol", self.tol, 0.0, 1.0)
+        if self.welore_threshold is not None:
+            self.welore_threshold = check.real("welore_threshold", self.welore_threshold,
+                                               0.0, 1.0)  # fmt: skip
+        self.welore_min_reduction = fraction_below_one("welore_min_reduction",
+                                                       self.welore_min_reduction)  # fmt: skip
 
 
 def _plan(context: ConversionContext, config: LowRankConfig):
@@ -181,9 +199,14 @@ def _plan(context: ConversionContext, config: LowRankConfig):
     from lowrank.nn.calibration import output_sensitivity
 
     rank, tol, params = config.rank, config.tol, context.params
+    shapes, grams, report = context.shapes, context.grams, context.report
+    if context.allocation == "welore":
+        return _plan_welore(context, config)
+    if config.welore_threshold is not None or config.welore_min_reduction != 0.0:
+        raise ValueError("welore_threshold and welore_min_reduction are options of allocation="
+                         f"'welore', not of allocation={context.allocation!r}")  # fmt: skip
     if sum(x is not None for x in (rank, tol, params)) != 1:
         raise ValueError("convert to lowrank needs exactly one of rank=, tol= and params=")
-    shapes, grams, report = context.shapes, context.grams, context.report
     if rank is not None:
         ranks = {n: min(rank, *shapes[n]) for n in shapes}
         report.allocation = f"uniform rank {rank}"
@@ -215,6 +238,40 @@ def _plan(context: ConversionContext, config: LowRankConfig):
         else:
             layer = LowRankLinear.from_dense(linear, ranks[name], gram=gram, seed=config.seed)
         return layer, f"rank {layer.rank}"
+
+    return make
+
+
+def _plan_welore(context: ConversionContext, config: LowRankConfig):
+    """WeLore: ranks from one threshold on the normalised spectra; the low-rank components
+    are factored (whitened SVD with calibration data), the others left dense."""
+    from lowrank.nn import allocation
+
+    params, threshold = context.params, config.welore_threshold
+    if config.rank is not None or config.tol is not None:
+        raise ValueError("allocation='welore' chooses the ranks: give params= or "
+                         "welore_threshold=, not rank= or tol=")  # fmt: skip
+    if (params is None) == (threshold is None):
+        raise ValueError("allocation='welore' needs exactly one of params= and "
+                         "welore_threshold=")  # fmt: skip
+    shapes, grams, report = context.shapes, context.grams, context.report
+    spectra = {n: _spectrum(context.linears[n].weight, grams.get(n)) for n in shapes}
+    found = allocation.welore_ranks(spectra, shapes, threshold=threshold, fraction=params,
+                                    min_reduction=config.welore_min_reduction)  # fmt: skip
+    report.compressible = dict(found.compressible)
+    kept = found.params / max(1, sum(o * i for o, i in shapes.values()))
+    budget = "" if params is None else f" for {params:g} of the parameters"
+    report.allocation = (f"welore{budget}: threshold {found.threshold:.4g}, "
+                         f"{sum(found.compressible.values())} of {len(shapes)} layers low-rank, "
+                         f"{kept:.4g} of the parameters kept")  # fmt: skip
+
+    def make(name, linear):
+        rank, full = found.ranks[name], min(shapes[name])
+        if not found.compressible[name]:
+            return None, (f"not a low-rank component (WeLore rank {rank} of {full}): "
+                          "kept dense")  # fmt: skip
+        layer = LowRankLinear.from_dense(linear, rank, gram=grams.get(name), seed=config.seed)
+        return layer, f"rank {rank} of {full}, low-rank component"
 
     return make
 

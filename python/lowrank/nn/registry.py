@@ -87,9 +87,10 @@ class ConversionContext:
             when the kind does not use it).
         batches: the calibration batches (``None`` without).
         params: the parameter budget, a fraction of the targeted weights (or ``None``).
-        allocation: ``"global"`` or ``"uniform"`` (how a budget is spread).
+        allocation: ``"global"``, ``"uniform"`` or ``"welore"`` (how a budget is spread:
+            :data:`lowrank.nn.allocation.ALLOCATIONS`).
         report: the :class:`~lowrank.nn.ConversionReport` being filled; a plan sets its
-            ``allocation`` text.
+            ``allocation`` text (and ``compressible``, if it classifies layers).
         progress: whether progress bars are shown.
     """
 
