@@ -25,6 +25,8 @@ BUILT_IN = {
     "lora": {"rank": 2, "init": "pissa"},
     "adalora": {"rank": 2, "target_rank": 1, "total_steps": 10},
     "allora": {"rank": 2},
+    "bone": {"rank": 2},
+    "randlora": {"rank": 2},
 }
 
 
