@@ -295,3 +295,16 @@ def test_allora_convert_merge_save_load_and_peft(tmp_path):
         convert(copy.deepcopy(original), "allora", eta=0.0, progress=False)
     with pytest.raises(ValueError, match="init"):
         convert(copy.deepcopy(original), "allora", init="eva", progress=False)
+
+
+def test_adjusted_gradient_errors():
+    a, b, full = factors()
+    ga, gb = lora_grads(a, b, full, 1.0)
+    with pytest.raises(ValueError, match="grad_b"):
+        lora_pro_gradients(a, b, ga, gb.T, 1.0)
+    with pytest.raises(ValueError, match=r"b\.shape"):
+        lora_pro_gradients(a, b[:, :2], ga, gb[:, :2], 1.0)
+    with pytest.raises(ValueError, match="scale"):
+        lora_pro_gradients(a, b, ga, gb, 0.0)
+    with pytest.raises(ValueError, match="x must"):
+        lora_pro_gradients(a, b, ga, gb, 1.0, x="symmetric")

@@ -86,6 +86,12 @@ def lora_pro_gradients(
     float64 inputs) and returned in the factors' dtypes."""
     if x not in X_CHOICES:
         raise ValueError(f"x must be one of {X_CHOICES}, got {x!r}")
+    for name, t in (("a", a), ("b", b), ("grad_a", grad_a), ("grad_b", grad_b)):
+        check.ndim(name, check.floating(name, t), 2)
+    check.size("b", b, 1, a.shape[0], "the rank, a.shape[0]")
+    for name, t, like in (("grad_a", grad_a, a), ("grad_b", grad_b, b)):
+        if t.shape != like.shape:
+            raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(t.shape)}")
     scale = check.real("scale", scale)
     if scale == 0.0:
         raise ValueError("scale must be nonzero")
