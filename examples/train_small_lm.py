@@ -7,7 +7,10 @@ CPU, with:
 
 - dense AdamW;
 - LoRA adapters (lowrank.nn.LoRAAdapter) on every linear layer of the dense model;
-- GaLore (lowrank.optim.GaLoreAdamW) on every linear weight;
+- GaLore (lowrank.optim.GaLoreAdamW) on every linear weight, and its variants at the
+  same rank: Fira (the residual, scaled, with its norm-growth limiter), FRUGAL (a signSGD
+  step with the residual), Q-GaLore (4-bit projectors, lazy per-layer refresh) and the
+  DCT projector;
 - structured layers from scratch in place of every linear layer of the blocks:
   LowRankLinear, SLTrainLinear, MonarchLinear, KronLinear.
 
@@ -158,14 +161,24 @@ def methods(lr: float) -> dict[str, Callable[[], tuple[nn.Module, torch.optim.Op
         trainable = [p for p in model.parameters() if p.requires_grad]
         return model, torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
 
-    def galore():
-        model = TinyLM()
-        targets = ["q", "k", "v", "o", "gate", "up", "down"]
-        groups = galore_groups(model, rank=64, update_proj_gap=50, scale=0.25,
-                               target_modules=targets)  # fmt: skip
-        for group in groups:  # the projected step is scaled by 0.25: a larger rate there
-            group["lr"] = 4 * lr if "rank" in group else lr
-        return model, GaLoreAdamW(groups, lr=lr)
+    def galore_with(make: Callable[[list[dict]], torch.optim.Optimizer]):
+        """A GaLore-style row: the model, and an optimizer ``make(groups)`` builds from
+        GaLore's parameter groups (rank 64, gap 50, scale 0.25 on every linear weight of
+        the blocks, 4x the rate there)."""
+
+        def build():
+            model = TinyLM()
+            targets = ["q", "k", "v", "o", "gate", "up", "down"]
+            groups = galore_groups(model, rank=64, update_proj_gap=50, scale=0.25,
+                                   target_modules=targets)  # fmt: skip
+            for group in groups:  # the projected step is scaled by 0.25: a larger rate there
+                group["lr"] = 4 * lr if "rank" in group else lr
+            return model, make(groups)
+
+        return build
+
+    def galore(**options):
+        return galore_with(lambda groups: GaLoreAdamW(groups, lr=lr, **options))
 
     def from_scratch(kind):
         def build():
@@ -177,12 +190,24 @@ def methods(lr: float) -> dict[str, Callable[[], tuple[nn.Module, torch.optim.Op
     return {
         "dense AdamW": dense,
         "LoRA r=32 (dense base frozen)": lora,
-        "GaLore r=64": galore,
+        "GaLore r=64": galore(),
+        "Fira r=64": galore(residual="fira"),
+        "FRUGAL r=64 (signSGD residual)": galore(residual="signsgd", residual_lr=lr),
+        "Q-GaLore r=64 (4-bit, lazy refresh)": galore(
+            projector_bits=4, group_size=256, lazy_refresh=True, **QGALORE_LAZY
+        ),
+        "GaLore r=64, DCT projector": galore(projector="dct"),
+        # rows with another optimizer on GaLore's groups: galore_with(make_optimizer)
         "LowRankLinear r=64": from_scratch("lowrank"),
         "SLTrainLinear r=64 + 3%": from_scratch("sltrain"),
         "MonarchLinear 4 blocks": from_scratch("monarch"),
         "KronLinear 4 terms": from_scratch("kron"),
     }
+
+
+# Q-GaLore's lazy refresh in the comparison: an interval doubles after two consecutive
+# refreshes whose subspace kept at least this similarity to the previous one
+QGALORE_LAZY = {"cos_threshold": 0.4, "queue_size": 2, "refresh_growth": 2.0}
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -239,6 +264,8 @@ def train(name, build, data, args) -> dict:
     }
     if isinstance(optimizer, GaLoreAdamW) and optimizer.refresh_log:
         row["galore_refresh_ms"] = [1e3 * r.seconds for r in optimizer.refresh_log]
+        row["refreshed_matrices"] = sum(r.matrices for r in optimizer.refresh_log)
+        row["projector_bytes"] = sum(r["projector_bytes"] for r in optimizer.memory_report())
     if not math.isfinite(row["val_loss"]):
         raise RuntimeError(f"{name}: the validation loss is not finite")
     return row

@@ -36,7 +36,7 @@ def test_compress_model_quick(tmp_path):
 def test_train_small_lm_quick(tmp_path):
     result = load("train_small_lm").main(["--quick", "--out", str(tmp_path)])
     rows = {row["method"]: row for row in result["rows"]}
-    assert len(rows) == 7 and (tmp_path / "small-lm-training.png").stat().st_size > 0
+    assert len(rows) >= 7 and (tmp_path / "small-lm-training.png").stat().st_size > 0
     dense = rows["dense AdamW"]
     for row in rows.values():
         # a few steps from the uniform guess (ln 256 = 5.55 nats per byte) already learn

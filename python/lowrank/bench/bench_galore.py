@@ -11,6 +11,9 @@ of all 56 projected weights:
   ``rsvd``; from the second refresh on, warm-started from the previous projectors), timed
   by the optimizer;
 - ``torch.linalg.svd per matrix`` -- the reference projector, one full SVD per weight;
+- ``DCT projector`` -- the DCT column selection of SVD-free low-rank optimisation
+  (:class:`lowrank.optim.DCTProjection`: the DCT by FFT, the top-128 columns by norm), on
+  the same gradients batched by shape as the optimizer batches them;
 - ``captured`` -- the gradient energy the projector keeps, ``||P^T G||^2 / ||G||^2``,
   over the exact top-128 projector's, minimum over the matrices.
 
@@ -28,8 +31,8 @@ import torch
 
 from lowrank.bench import checkout_path
 from lowrank.bench.harness import Result
-from lowrank.optim import GaLoreAdamW, galore_groups
-from lowrank.optim.galore import SIDES
+from lowrank.optim import DCTProjection, GaLoreAdamW, galore_groups
+from lowrank.optim.projector import SIDES, side_of
 
 RANK = 128
 GAP = 8
@@ -46,11 +49,33 @@ def small_lm():
     return importlib.import_module("train_small_lm")
 
 
-def captured(grad: torch.Tensor, state: dict, exact_energy: float) -> float:
-    g = grad.double()
-    p = state["projector"].double()
-    low = g @ p.mT if SIDES[state["side"]] == "right" else p.mT @ g
-    return float(low.square().sum()) / exact_energy
+def captured(grad: torch.Tensor, state: dict, exact_energy: float, projection=None) -> float:
+    """``||P^T G||^2`` of the projector in ``state`` over ``exact_energy`` (the top-r
+    singular values' squares); ``projection`` applies it (default: dense factors)."""
+    side = SIDES[state["side"]]
+    if projection is not None:
+        low = projection.project(state, side, grad.double())
+    else:
+        g, p = grad.double(), state["projector"].double()
+        low = g @ p.mT if side == "right" else p.mT @ g
+    return float(low.double().square().sum()) / exact_energy
+
+
+def dct_refresh(grads: list[torch.Tensor]) -> tuple[float, list[dict]]:
+    """The DCT projectors of ``grads`` (batched by shape, as the optimizer batches them):
+    seconds and one state per gradient."""
+    dct = DCTProjection()
+    shapes: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grads):
+        shapes.setdefault(tuple(g.shape), []).append(i)
+    states: list[dict] = [{} for _ in grads]
+    start = time.perf_counter()
+    for shape, members in shapes.items():
+        side = side_of(shape, "std")
+        new = dct.compute(torch.stack([grads[i] for i in members]), side, RANK, None, 0)
+        for i, tensors in zip(members, new):
+            states[i] = {**tensors, "side": SIDES.index(side)}
+    return time.perf_counter() - start, states
 
 
 def measure(layers: int, refreshes: int, batch: int) -> list[Result]:
@@ -81,9 +106,12 @@ def measure(layers: int, refreshes: int, batch: int) -> list[Result]:
         start = time.perf_counter()
         exact = [torch.linalg.svd(g, full_matrices=False) for g in grads]
         svd_ms = 1e3 * (time.perf_counter() - start)
-        ratios = []
-        for p, g, (_, s, _) in zip(projected, grads, exact):
-            ratios.append(captured(g, optimizer.state[p], float(s[:RANK].double().square().sum())))
+        dct_seconds, dct_states = dct_refresh(grads)
+        ratios, dct_ratios = [], []
+        for p, g, (_, s, _), dct_state in zip(projected, grads, exact, dct_states):
+            top = float(s[:RANK].double().square().sum())
+            ratios.append(captured(g, optimizer.state[p], top))
+            dct_ratios.append(captured(g, dct_state, top, DCTProjection()))
         kind = "cold" if refresh == 0 else "warm"
         case = f"{label}, refresh {refresh} ({kind})"
         results.append(Result("galore", case, "lowrank", ours_ms,
@@ -91,6 +119,9 @@ def measure(layers: int, refreshes: int, batch: int) -> list[Result]:
                                "captured_mean": statistics.fmean(ratios)}))  # fmt: skip
         results.append(Result("galore", case, "torch.linalg.svd per matrix", svd_ms,
                               {"captured_min": 1.0}))  # fmt: skip
+        results.append(Result("galore", case, "DCT projector", 1e3 * dct_seconds,
+                              {"captured_min": min(dct_ratios),
+                               "captured_mean": statistics.fmean(dct_ratios)}))  # fmt: skip
     return results
 
 
