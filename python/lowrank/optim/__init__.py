@@ -7,6 +7,7 @@ kind of projector pluggable (:class:`Projection`, :class:`SVDProjection`);
 """
 
 from lowrank.optim.galore import GaLoreAdamW, galore_groups
+from lowrank.optim.layerwise import LayerwiseUpdates, layerwise
 from lowrank.optim.lora_pro import LoRAPro
 from lowrank.optim.projector import (
     DCTProjection,
@@ -20,6 +21,7 @@ from lowrank.optim.projector import (
 )
 from lowrank.optim.wrapper import GaLore
 
-__all__ = ["DCTProjection", "GaLore", "GaLoreAdamW", "GaLoreProjector", "LazyGaLoreProjector",
-           "LoRAPro", "Projection", "QuantizedProjection", "RandomProjection", "Refresh",
-           "SVDProjection", "galore_groups"]  # fmt: skip
+__all__ = ["DCTProjection", "GaLore", "GaLoreAdamW", "GaLoreProjector", "LayerwiseUpdates",
+           "LazyGaLoreProjector", "LoRAPro", "Projection", "QuantizedProjection",
+           "RandomProjection", "Refresh", "SVDProjection", "galore_groups",
+           "layerwise"]  # fmt: skip
