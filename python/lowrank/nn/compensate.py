@@ -21,9 +21,9 @@ this is EoRA's minimiser, since ``U_r U_r^T E Q Lambda^{1/2}`` is the truncated 
 directions the calibration never excited, where the map back leaves the error as it is,
 the adapter still removes the error's part in ``U_r``. So ``||(E - D) x|| <= ||E x||`` for
 every input ``x``, seen in calibration or not. ``U_r`` is computed on the smaller side:
-the SVD of ``E Q Lambda^{1/2}`` (``out x in``, with the ``in x in`` eigendecomposition)
-when ``in <= out``, else the eigenvectors of ``E X X^T E^T`` (``out x out``), which are the
-same vectors.
+from the eigendecomposition of ``E X X^T E^T`` (``out x out``) when ``out <= in``, else of
+the ``in x in`` Gram matrix of ``E Q Lambda^{1/2}``, mapped to the outputs (randomized, by
+:func:`lowrank.linalg.truncated_svd`, for layers whose smaller side exceeds 1024).
 
 The adapter's factors are ``B = U_r C`` and ``A = C^{-1} U_r^T E / s`` with ``s`` the
 adapter's scale and ``C`` diagonal making each column of ``B`` as long as the matching row
@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from lowrank import _validate as check
-from lowrank.linalg.whitening import truncated_svd
+from lowrank.linalg.whitening import EXACT_SVD_MAX, truncated_svd
 from lowrank.nn import allocation
 from lowrank.nn import calibration as calib
 from lowrank.nn.convert import (
@@ -184,30 +184,52 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 # ---- the low-rank corrections -------------------------------------------------------------------
 
 
-def _output_basis(e: torch.Tensor, gram: torch.Tensor | None, rank: int | None, seed: int):
+class _Roots:
+    """EoRA's square root ``Q Lambda^{1/2}`` of input statistics ``X X^T = Q Lambda Q^T``
+    (negative rounding noise in ``Lambda`` clamped to 0); the last one is kept, as layers
+    reading the same input (attention's query, key and value) follow each other."""
+
+    def __init__(self):
+        self.gram: torch.Tensor | None = None
+        self.root: torch.Tensor | None = None
+
+    def __call__(self, gram: torch.Tensor) -> torch.Tensor:
+        if self.gram is None or self.gram.shape != gram.shape or not torch.equal(self.gram, gram):
+            values, vectors = torch.linalg.eigh(gram)
+            self.gram, self.root = gram, vectors * values.clamp_min(0.0).sqrt()
+        return self.root
+
+
+def _output_basis(e, eg, gram, rank, seed, roots):
     """``(U, power)``: orthonormal columns ``U`` (``out x k``) spanning the output subspace
     the correction keeps, and ``power`` (``k``), the squared error each column removes,
     descending: the left singular vectors and squared singular values of ``E`` (``gram``
-    None) or of ``E X`` from ``gram = X X^T``. ``k = rank``, or every component for None."""
+    None) or of ``E Q Lambda^{1/2}`` (``gram = X X^T``, ``eg = E X X^T``). ``k = rank``,
+    or every component for ``rank=None``.
+
+    Computed on the smaller side: the eigenvectors of ``E E^T`` or ``E X X^T E^T`` when
+    ``out <= in``, else those of ``a^T a`` for ``a = E`` or ``E Q Lambda^{1/2}`` (``in x
+    in``), mapped to the outputs by ``a`` and orthonormalised. Above ``EXACT_SVD_MAX`` a
+    given rank comes from :func:`lowrank.linalg.truncated_svd` (randomized)."""
     out, inp = e.shape
-    if gram is not None and out < inp:
-        # E X X^T E^T (out x out): its eigenvectors are E X's left singular vectors.
-        m = e @ gram @ e.T
+    small = min(out, inp)
+    k = small if rank is None else rank
+    randomized = rank is not None and small > EXACT_SVD_MAX
+    if out <= inp:
+        m = e @ e.T if gram is None else eg @ e.T
         m = (m + m.T) / 2
-        if rank is None:
-            values, vectors = torch.linalg.eigh(m)
-            return vectors.flip(1), values.flip(0).clamp_min(0.0)
-        u, s, _ = truncated_svd(m, rank, seed=seed)  # a PSD matrix: U holds eigenvectors
-        return u, s
-    if gram is not None:
-        # EoRA's form: X X^T = Q Lambda Q^T, then the SVD of E Q Lambda^{1/2} (out x in).
-        values, vectors = torch.linalg.eigh(gram)
-        e = e @ (vectors * values.clamp_min(0.0).sqrt())
-    if rank is None:
-        u, s, _ = torch.linalg.svd(e, full_matrices=False)
-    else:
-        u, s, _ = truncated_svd(e, rank, seed=seed)
-    return u, s.square()
+        if randomized:  # a positive semi-definite m: its left singular vectors
+            u, s, _ = truncated_svd(m, rank, seed=seed)
+            return u, s
+        values, vectors = torch.linalg.eigh(m)
+        return vectors.flip(1)[:, :k], values.flip(0)[:k].clamp_min(0.0)
+    a = e if gram is None else e @ roots(gram)
+    if randomized:
+        u, s, _ = truncated_svd(a, rank, seed=seed)
+        return u, s.square()
+    values, vectors = torch.linalg.eigh(a.T @ a)
+    u = torch.linalg.qr(a @ vectors.flip(1)[:, :k]).Q
+    return u, values.flip(0)[:k].clamp_min(0.0)
 
 
 def _factors(e: torch.Tensor, u: torch.Tensor, scale: float):
@@ -219,10 +241,9 @@ def _factors(e: torch.Tensor, u: torch.Tensor, scale: float):
     return m / (scale * c)[:, None], u * c
 
 
-def _output_error(residual: torch.Tensor, w: torch.Tensor, gram: torch.Tensor) -> float:
-    """``||R X||_F / ||W X||_F`` from ``gram = X X^T`` (``||M X||_F^2 = tr(M G M^T)``)."""
-    num = float(((residual @ gram) * residual).sum().clamp_min(0.0))
-    den = float(((w @ gram) * w).sum().clamp_min(0.0))
+def _relative(num: float, den: float) -> float:
+    """``sqrt(num / den)`` for squared norms (0 when both are 0, inf when only ``den``)."""
+    num = max(num, 0.0)
     return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
 
 
@@ -361,27 +382,32 @@ def compensate(
                             progress)  # fmt: skip
         report.calibration_seconds = time.perf_counter() - t0
 
-    def error_and_gram(name):
-        linear = layers[name][0]
-        w = linear.weight.detach().double()
+    roots = _Roots()
+
+    def prepare(name):
+        """``(W, E, G, E G)`` of a layer in float64 (``G``, ``E G`` None without stats)."""
+        w = layers[name][0].weight.detach().double()
         e = w - weights[name].to(device=w.device, dtype=torch.float64)
-        gram = None
-        if name in stats:
-            gram = stats[name].gram.to(w.device)
-            gram = (gram + gram.T) / 2
-        return w, e, gram
+        if name not in stats:
+            return w, e, None, None
+        gram = stats[name].gram.to(w.device)
+        gram = (gram + gram.T) / 2
+        return w, e, gram, e @ gram
+
+    def basis(e, eg, gram, r):
+        if method == "lorc":
+            return _output_basis(e, None, None, r, seed, roots)
+        return _output_basis(e, eg, gram, r, seed, roots)
 
     shapes = {name: tuple(lin.weight.shape) for name, (lin, _, _) in layers.items()}
-    bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    bases: dict[str, torch.Tensor] = {}
     if params is not None:
         allocation.check_budget(shapes, params)
         worth = {}
         for name in calib._bar(layers, progress, f"compensate ({method}): spectra"):
-            _, e, gram = error_and_gram(name)
-            u, power = _output_basis(e, gram if method == "eora" else None, None, seed)
-            keep = allocation.max_rank(*shapes[name])
-            bases[name] = (u[:, :keep], power[:keep])
-            worth[name] = power
+            _, e, gram, eg = prepare(name)
+            u, worth[name] = basis(e, eg, gram, None)
+            bases[name] = u[:, : allocation.max_rank(*shapes[name])]
         ranks = allocation.greedy_ranks(worth, shapes, params)
         what = "output" if method == "eora" else "weight"
         report.allocation = (f"global for {params:g} of the weights: components by squared "
@@ -393,24 +419,25 @@ def compensate(
     adapters = {}
     for name in calib._bar(layers, progress, f"compensate ({method})"):
         t0 = time.perf_counter()
-        w, e, gram = error_and_gram(name)
+        w, e, gram, eg = prepare(name)
         r = ranks[name]
-        if name in bases:
-            u = bases.pop(name)[0][:, :r]
-        else:
-            u = _output_basis(e, gram if method == "eora" else None, r, seed)[0]
+        u = bases.pop(name)[:, :r] if name in bases else basis(e, eg, gram, r)[0]
         scale = 1.0 if alpha is None else alpha / r
         a, b = _factors(e, u, scale)
         dtype = weights[name].dtype
         adapters[name] = _adapter(layers[name][1], a.to(dtype), b.to(dtype),
                                   float(r if alpha is None else alpha), method)  # fmt: skip
-        residual = e - scale * (b @ a)
-        norm = float(w.norm()) or 1.0
+        total = float(w.square().sum())
+        after = float((e - scale * (b @ a)).square().sum())
         entry = CompensatedLayer(name, shapes[name], r, r * sum(shapes[name]),
-                                 float(e.norm()) / norm, float(residual.norm()) / norm)  # fmt: skip
+                                 _relative(float(e.square().sum()), total),
+                                 _relative(after, total))  # fmt: skip
         if gram is not None:
-            entry.output_error_before = _output_error(e, w, gram)
-            entry.output_error_after = _output_error(residual, w, gram)
+            # ||R X||_F^2 = tr(R G R^T); the correction U U^T E removes tr(M G M^T), M = U^T E.
+            m = u.T @ e
+            before, total = float((eg * e).sum()), float(((w @ gram) * w).sum())
+            entry.output_error_before = _relative(before, total)
+            entry.output_error_after = _relative(before - float(((m @ gram) * m).sum()), total)
         entry.seconds = time.perf_counter() - t0
         report.layers.append(entry)
 
