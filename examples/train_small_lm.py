@@ -43,7 +43,7 @@ from torch import nn
 
 import lowrank
 from lowrank.nn import KronLinear, LowRankLinear, MonarchLinear, SLTrainLinear, convert
-from lowrank.optim import GaLoreAdamW, galore_groups
+from lowrank.optim import GaLore, GaLoreAdamW, galore_groups
 
 # ---- data ---------------------------------------------------------------------------------------
 
@@ -180,6 +180,13 @@ def methods(lr: float) -> dict[str, Callable[[], tuple[nn.Module, torch.optim.Op
     def galore(**options):
         return galore_with(lambda groups: GaLoreAdamW(groups, lr=lr, **options))
 
+    def galore_adafactor(groups):
+        # Adafactor's rate is relative (a step of about lr x the parameter's RMS): its own
+        # default, 1e-2, with the same 4x on the projected weights
+        for group in groups:
+            group["lr"] = 4e-2 if "rank" in group else 1e-2
+        return GaLore(groups, torch.optim.Adafactor, weight_decay=0.0)
+
     def from_scratch(kind):
         def build():
             model = TinyLM(linear=structured(kind))
@@ -198,6 +205,7 @@ def methods(lr: float) -> dict[str, Callable[[], tuple[nn.Module, torch.optim.Op
         ),
         "GaLore r=64, DCT projector": galore(projector="dct"),
         # rows with another optimizer on GaLore's groups: galore_with(make_optimizer)
+        "GaLore r=64 + Adafactor": galore_with(galore_adafactor),
         "LowRankLinear r=64": from_scratch("lowrank"),
         "SLTrainLinear r=64 + 3%": from_scratch("sltrain"),
         "MonarchLinear 4 blocks": from_scratch("monarch"),
@@ -212,7 +220,7 @@ QGALORE_LAZY = {"cos_threshold": 0.4, "queue_size": 2, "refresh_growth": 2.0}
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's state (moments, projectors, steps)."""
-    if isinstance(optimizer, GaLoreAdamW):
+    if isinstance(optimizer, (GaLoreAdamW, GaLore)):
         return optimizer.state_bytes()
     return sum(v.numel() * v.element_size() for s in optimizer.state.values()
                for v in s.values() if isinstance(v, torch.Tensor))  # fmt: skip
@@ -262,7 +270,7 @@ def train(name, build, data, args) -> dict:
         "ms_per_step": 1e3 * statistics.median(times[1:] or times),
         "curve": curve,
     }
-    if isinstance(optimizer, GaLoreAdamW) and optimizer.refresh_log:
+    if isinstance(optimizer, (GaLoreAdamW, GaLore)) and optimizer.refresh_log:
         row["galore_refresh_ms"] = [1e3 * r.seconds for r in optimizer.refresh_log]
         row["refreshed_matrices"] = sum(r.matrices for r in optimizer.refresh_log)
         row["projector_bytes"] = sum(r["projector_bytes"] for r in optimizer.memory_report())

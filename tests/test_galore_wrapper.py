@@ -148,7 +148,9 @@ def test_any_optimizer_keeps_its_state_in_the_projected_space(name):
         assert tensors and all(t.numel() <= 4 * max(weight.shape) for t in tensors), name
     assert nn.functional.mse_loss(model(x), y).item() < first
     projected = [r for r in optimizer.memory_report() if r["projected"]]
-    assert len(projected) == 2 and all(r["state_bytes"] > 0 for r in projected)
+    # float32 projectors: 4 x 12 (up, right side) and 6 x 4 (down, left side)
+    assert [r["projector_bytes"] for r in projected] == [4 * 4 * 12, 4 * 6 * 4]
+    assert all(r["state_bytes"] > r["projector_bytes"] for r in projected)
 
 
 def test_bitsandbytes_8bit_adamw():
@@ -324,3 +326,24 @@ def test_bad_gradients_are_refused_before_any_state():
     assert not optimizer.inner.state and not optimizer.refresh_log
     with pytest.raises(ValueError, match=r"GaLore\.state_dict"):
         optimizer.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+# ---- the small-LM comparison's row ---------------------------------------------------------------
+
+
+def test_small_lm_adafactor_row_quick(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "train_small_lm.py"
+    spec = importlib.util.spec_from_file_location("train_small_lm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--quick", "--steps", "2", "--methods", "GaLore r=64 + Adafactor",
+                           "--out", str(tmp_path)])  # fmt: skip
+    (row,) = result["rows"]
+    assert row["method"] == "GaLore r=64 + Adafactor" and row["val_loss"] < 5.5
+    # 7 x 4 projected weights: float32 projectors of 64 x 256 (q, k, v, o: 256 x 256;
+    # gate, up: 688 x 256 -> right side) and 256 x 64 (down: 256 x 688 -> left side)
+    assert row["projector_bytes"] == 4 * 4 * 64 * 256 * 7
+    assert row["refreshed_matrices"] == 28

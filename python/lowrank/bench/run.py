@@ -32,6 +32,7 @@ SUITES = {
     "dispatch": "bench_dispatch",
     "kron": "bench_kron",
     "galore": "bench_galore",
+    "layerwise": "bench_layerwise",
     "kron_adapter": "bench_kron_adapter",
     "lora": "bench_lora",
     "monarch": "bench_monarch",

@@ -322,22 +322,26 @@ class GaLore(torch.optim.Optimizer):
         self.projector.refresh_log[:] = [Refresh(**r) for r in state_dict.get("refresh_log", [])]
 
     def memory_report(self) -> list[dict]:
-        """Per parameter: its shape, whether it is projected, and the bytes of its state
-        (the projector here and the inner optimizer's state of its stand-in, or of itself)."""
+        """Per parameter: its shape, whether it is projected, the bytes of its state (the
+        inner optimizer's state of its stand-in, or of itself, and its projector) and of
+        its projector alone."""
         rows = []
         for group in self.param_groups:
             for p in group["params"]:
-                inner = self.inner.state.get(self._standins.get(p, p), {})
-                outer = self.state.get(p, {})
-                held = sum(t.numel() * t.element_size() for s in (inner, outer)
-                           for t in s.values() if isinstance(t, torch.Tensor))  # fmt: skip
+                inner = _tensor_bytes(self.inner.state.get(self._standins.get(p, p), {}))
+                projector = _tensor_bytes(self.state.get(p, {}))
                 rows.append({"shape": tuple(p.shape), "projected": p in self._standins,
-                             "state_bytes": held})  # fmt: skip
+                             "state_bytes": inner + projector,
+                             "projector_bytes": projector})  # fmt: skip
         return rows
 
     def state_bytes(self) -> int:
         """All optimizer state, in bytes."""
         return sum(row["state_bytes"] for row in self.memory_report())
+
+
+def _tensor_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
 
 
 def step_only(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
