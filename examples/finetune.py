@@ -42,7 +42,7 @@ import statistics
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,8 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowrank
+import lowrank.nn.adalora
+import lowrank.nn.svd_methods
 from lowrank.nn import convert
 from lowrank.nn._base import AdapterLinear
+from lowrank.optim import LoRAPro
 
 # ---- data ---------------------------------------------------------------------------------------
 
@@ -72,8 +75,11 @@ def corpus(max_bytes: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
     ``{"pretrain": {"train": bytes, "val": bytes}, "finetune": {...}}``, each at most
     ``max_bytes`` long."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py")
-                   if p.is_file() and not SKIPPED_DIRS & set(p.relative_to(root).parts))  # fmt: skip
+    files = sorted(
+        p
+        for p in root.rglob("*.py")
+        if p.is_file() and not SKIPPED_DIRS & set(p.relative_to(root).parts)
+    )
     chunks: dict[str, dict[str, list[bytes]]] = {
         d: {"train": [], "val": []} for d in ("pretrain", "finetune")
     }
@@ -104,7 +110,7 @@ def fixed_batches(data, count, size, context, seed) -> list[tuple[torch.Tensor, 
     return [batch(data, size, context, g) for _ in range(count)]
 
 
-# ---- the model -----------------------------------------------------------------------------------
+# ---- the model ----------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
@@ -155,17 +161,21 @@ class TinyLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.head.weight, std=0.02)
 
-    def forward(self, tokens):
+    def forward(self, tokens, targets=None):
+        """The logits, or with ``targets`` the mean next-byte cross-entropy (nats per
+        byte; so ``model(*batch)`` is the loss, as calibration-driven inits expect)."""
         x = self.embed(tokens) + self.position[: tokens.shape[1]]
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def lm_loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-byte cross-entropy (nats per byte)."""
-    logits = model(tokens)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return model(tokens, targets)
 
 
 def is_adapted(name: str, module: nn.Module) -> bool:
@@ -232,7 +242,7 @@ def quick_config() -> Config:
                   sweep={"full": [3e-4], "lora": [3e-3], "core": [1e-2]})  # fmt: skip
 
 
-# ---- the methods ----------------------------------------------------------------------------------
+# ---- the methods --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -241,8 +251,8 @@ class Setup:
 
     config: Config
     steps: int
-    calibration: list[tuple[torch.Tensor, torch.Tensor]]
-    loss: Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+    calibration: list[tuple[torch.Tensor, torch.Tensor]]  # (tokens, targets) batches
+    rates: dict[str, float]  # the learning rate of each family
 
 
 def adamw(model: nn.Module, lr: float, setup: Setup) -> torch.optim.Optimizer:
@@ -250,13 +260,70 @@ def adamw(model: nn.Module, lr: float, setup: Setup) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
 
 
-def lora_kind(kind: str, **options) -> Callable[[nn.Module, Setup], Any]:
-    """A conversion of every block linear layer to ``kind`` (an adapter: the rest frozen)."""
+def adapter(kind: str, **options) -> Callable[[nn.Module, Setup], Any]:
+    """Every block linear layer converted to ``kind`` (an adapter: the rest frozen)."""
 
     def prepare(model: nn.Module, setup: Setup):
         return convert(model, kind, filter=is_adapted, progress=False, **options)
 
     return prepare
+
+
+def lora_sb(rank: int) -> Callable[[nn.Module, Setup], Any]:
+    """LoRA-SB: the first step of full fine-tuning (AdamW's, ``-lr sign(G)`` at full
+    fine-tuning's rate) estimated on the calibration batches, its top-``rank`` SVD."""
+
+    def prepare(model: nn.Module, setup: Setup):
+        return convert(model, "lora_sb", filter=is_adapted, progress=False, rank=rank,
+                       lr=setup.rates["full"], calibration=setup.calibration)  # fmt: skip
+
+    return prepare
+
+
+def adalora(rank: int, target_rank: int) -> Callable[[nn.Module, Setup], Any]:
+    """AdaLoRA from ``rank`` to an average ``target_rank``: ranks fixed for the first tenth
+    of the steps, pruned on the cubic schedule every 1/40 of them, final for the last 30%
+    (the paper's proportions: t_init ~ 10%, t_final ~ 30% of the training)."""
+
+    def prepare(model: nn.Module, setup: Setup):
+        steps = setup.steps
+        return convert(model, "adalora", filter=is_adapted, progress=False, rank=rank,
+                       target_rank=target_rank, total_steps=steps, t_init=steps // 10,
+                       t_final=3 * steps // 10, delta_t=max(1, steps // 40))  # fmt: skip
+
+    return prepare
+
+
+def adalora_optimizer(model: nn.Module, lr: float, setup: Setup) -> torch.optim.Optimizer:
+    """AdamW with AdaLoRA's schedule on its hooks (importance, budget, masking)."""
+    optimizer = adamw(model, lr, setup)
+    optimizer.allocator = lowrank.nn.adalora.attach(model, optimizer)
+    return optimizer
+
+
+def adalora_measure(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    allocator = optimizer.allocator
+    return {"final_ranks": allocator.ranks(), "initial_rank": allocator.config.rank,
+            "rank_changes": [list(h) for h in allocator.history]}  # fmt: skip
+
+
+SORSA_GAMMA = 4e-4
+
+
+def sorsa_optimizer(model: nn.Module, lr: float, setup: Setup) -> torch.optim.Optimizer:
+    """AdamW plus SORSA's orthonormality step after each step (gamma 4e-4, the paper's,
+    following the rate's schedule)."""
+    optimizer = adamw(model, lr, setup)
+    lowrank.nn.svd_methods.sorsa_hook(optimizer, model, gamma=SORSA_GAMMA)
+    return optimizer
+
+
+def sorsa_measure(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"orthonormality_error": lowrank.nn.svd_methods.orthonormality_error(model)}
+
+
+def lora_pro_optimizer(model: nn.Module, lr: float, setup: Setup) -> torch.optim.Optimizer:
+    return LoRAPro(model, lr=lr, weight_decay=0.0)
 
 
 @dataclass
@@ -265,44 +332,77 @@ class Method:
 
     ``prepare(model, setup)`` makes the pretrained model trainable (``None``: every
     parameter trains); ``optimizer(model, lr, setup)`` builds the optimizer over what
-    trains; ``regulariser(model)``, if given, is added to the loss each step;
-    ``after_step(model, optimizer, step)`` runs after each optimizer step;
-    ``measure(model)`` adds the method's own end-of-run numbers to its row. ``family``
-    names the learning rate it shares; ``note`` documents the choices."""
+    trains, with the method's per-step hooks registered on it; ``measure(model,
+    optimizer)`` adds the method's own end-of-run numbers to its row. ``family`` names the
+    learning rate it shares; ``note`` documents the choices."""
 
     name: str
     family: str
     prepare: Callable[[nn.Module, Setup], Any] | None = None
     optimizer: Callable[[nn.Module, float, Setup], torch.optim.Optimizer] = adamw
-    regulariser: Callable[[nn.Module], torch.Tensor] | None = None
-    after_step: Callable[[nn.Module, torch.optim.Optimizer, int], None] | None = None
-    measure: Callable[[nn.Module], dict[str, Any]] | None = None
+    measure: Callable[[nn.Module, torch.optim.Optimizer], dict[str, Any]] | None = None
     note: str = ""
 
 
 FAMILIES = {
-    "full": ("Full fine-tuning", "AdamW on every parameter"),
-    "lora": ("LoRA r=4", "adapters whose factors train (LoRA-style); the rate is shared "
-                                "because these papers use LoRA's rate for their method"),
-    "core": ("LoRA-XS", "adapters whose bases are frozen and only a small core (r x r, a "
-                        "diagonal) trains; these need larger rates than LoRA (LoRA-XS, SVFit "
-                        "and LoLDU use rates several times LoRA's)"),
+    "full": ("Full fine-tuning",
+             "AdamW on every parameter; LoRA-Pro shares it: with AdamW its step is the best "
+             "low-rank approximation of full fine-tuning's AdamW step, at full fine-tuning's "
+             "scale"),
+    "lora": ("LoRA r=4",
+             "adapters whose factors train as LoRA's do; their papers train at LoRA's rate"),
+    "core": ("LoRA-XS r=16",
+             "adapters whose bases are frozen and only a small core (r x r, or diagonals) "
+             "trains: a step moves the weight only within the frozen bases, so they get their "
+             "own, larger rate, swept on LoRA-XS"),
 }  # fmt: skip
-"""Per family: (the method whose sweep chooses the family's rate, why the family shares it)."""
-
-METHODS: list[Method] = [
-    Method("Full fine-tuning", "full", note="AdamW on every parameter, nothing frozen"),
-    Method("LoRA r=4", "lora", lora_kind("lora", rank=4, init="gaussian"),
-           note="gaussian init: A ~ N(0, 1/r^2), B = 0; alpha = rank (scale 1)"),
-    Method("PiSSA r=4", "lora", lora_kind("lora", rank=4, init="pissa"),
-           note="rank 4: the top-4 singular triplets by lowrank's rsvd, residual frozen"),
-]  # fmt: skip
-"""Every method, one entry each."""
+"""Per family: (the method whose sweep chooses the family's rate, why the family shares it).
+The sweeps run in this order, so a method may read an earlier family's rate (LoRA-SB's
+estimate of full fine-tuning's first step)."""
 
 ADALORA = "AdaLoRA r=8->4"
 
+METHODS: list[Method] = [
+    Method("Full fine-tuning", "full", note="AdamW on every parameter, nothing frozen"),
+    Method("LoRA r=4", "lora", adapter("lora", rank=4, init="gaussian"),
+           note="gaussian init: A ~ N(0, 1/r^2), B = 0; alpha = rank (scale 1)"),
+    Method("PiSSA r=4", "lora", adapter("lora", rank=4, init="pissa"),
+           note="the top-4 singular triplets (lowrank's rsvd) train, the residual is frozen"),
+    Method("LoRA-XS r=16", "core", adapter("lora_xs", rank=16),
+           note="B = U_16, A = S_16 V_16^T frozen; the 16 x 16 core trains from N(0, (1e-5)^2)"),
+    Method("LoRA-SB r=16", "core", lora_sb(16),
+           note="the top-16 SVD of full fine-tuning's first AdamW step (-lr sign of the mean "
+                "gradient over the calibration batches, lr = full fine-tuning's) gives the "
+                "frozen bases and the initial 16 x 16 core"),
+    Method("SORSA r=4", "lora", adapter("sorsa", rank=4), sorsa_optimizer, sorsa_measure,
+           note=f"PiSSA's split, U, S, V all train; orthonormality step gamma {SORSA_GAMMA} "
+                "after each optimizer step (the paper's), scaled with the rate's schedule"),
+    Method("SVFit r=16", "core", adapter("svfit", rank=16),
+           note="only the top-16 singular values train; U, V and the residual are frozen"),
+    Method("LoLDU r=16", "core", adapter("loldu", rank=16),
+           note="frozen P L_16 and U_16 from W's LDU; the diagonal D_16 and the scale train"),
+    Method(ADALORA, "lora", adalora(8, 4), adalora_optimizer, adalora_measure,
+           note="P, Lambda, Q from rank 8 to an average of 4 on the cubic schedule (t_init "
+                "10%, t_final 30%, every 1/40 of the steps), orthogonality weight 0.1, "
+                "beta1 = beta2 = 0.85; runs from the optimizer's hooks"),
+    Method("LoRA-Pro r=4", "full", adapter("lora", rank=4, init="gaussian"), lora_pro_optimizer,
+           note="LoRA r=4's adapters; LoRA-Pro's AdamW: the gradients adjusted so that the "
+                "step is the closest low-rank step to full fine-tuning's AdamW step "
+                "(Sylvester X); full-size Adam moments per adapted layer, as in the paper"),
+    Method("ALLoRA r=4", "lora", adapter("allora", rank=4),
+           note="LoRA without scale or dropout, each row's gradient scaled by "
+                "1 / sqrt(||row||^2 + 1/eta^2), eta = 1"),
+    Method("Bone b=8", "lora", adapter("bone", rank=8),
+           note="one 8 x out block D shared by every 8-column block of W (PEFT's default "
+                "'balance' variant), from zero"),
+    Method("RandLoRA r=32", "core", adapter("randlora", rank=32),
+           note="shared random bases (dense, regenerated from the seed) with trainable "
+                "diagonals Lambda_i, Gamma_i; alpha = 20 r (PEFT's default)"),
+]  # fmt: skip
+"""Every method, one entry each."""
 
-# ---- accounting -------------------------------------------------------------------------------------
+
+# ---- accounting ---------------------------------------------------------------------------------
 
 
 def _tensors(obj: Any):
@@ -327,9 +427,24 @@ def held_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _attribute_tensors(module: nn.Module):
+    """Tensors a module holds outside its parameters and buffers: plain attributes, and
+    the tensors of objects it refers to (e.g. random bases regenerated from a seed and
+    shared by the layers), one level down."""
+    for value in vars(module).values():
+        if isinstance(value, (torch.Tensor, dict, list, tuple)):
+            yield from _tensors(value)
+        elif hasattr(value, "__dict__") and not isinstance(value, (nn.Module, type)):
+            yield from _tensors(vars(value))
+
+
 def weight_bytes(model: nn.Module) -> int:
-    """Parameters and buffers, frozen ones included."""
-    return held_bytes(list(model.parameters()) + list(model.buffers()))
+    """Bytes the model holds: parameters and buffers (frozen ones included) and tensors
+    kept as attributes, each storage once."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        tensors.extend(_attribute_tensors(module))
+    return held_bytes(tensors)
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -397,10 +512,10 @@ def pretrain(config: Config, data: dict, out: str) -> tuple[dict[str, torch.Tens
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
+    warmup = max(1, config.pretrain_steps // 20)
     for step in range(config.pretrain_steps):
         for group in optimizer.param_groups:
-            group["lr"] = config.pretrain_lr * schedule(step, config.pretrain_steps,
-                                                        max(1, config.pretrain_steps // 20))  # fmt: skip
+            group["lr"] = config.pretrain_lr * schedule(step, config.pretrain_steps, warmup)
         tokens, targets = batch(data["pretrain"]["train"], config.pretrain_batch,
                                 config.context, g)  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
@@ -419,16 +534,16 @@ def pretrain(config: Config, data: dict, out: str) -> tuple[dict[str, torch.Tens
     return state, {**info, "cached": False, "path": path}
 
 
-def finetune(method: Method, lr: float, base: dict, data: dict, evals: dict, config: Config,
-             *, final: bool = True) -> dict:  # fmt: skip
-    """Fine-tunes a copy of the base model with ``method`` at rate ``lr``; the row.
-
-    ``final=False`` (the sweep) evaluates only on the selection batches, at the end."""
+def finetune(method: Method, rates: dict[str, float], base: dict, data: dict, evals: dict,
+             config: Config) -> dict:  # fmt: skip
+    """Fine-tunes a copy of the base model with ``method`` at its family's rate in
+    ``rates``; the row."""
+    lr = rates[method.family]
     torch.manual_seed(0)
     model = TinyLM(**config.model_args())
     model.load_state_dict(base)
     setup = Setup(config=config, steps=config.steps, calibration=evals["calibration"],
-                  loss=lambda m, b: lm_loss(m, *b))  # fmt: skip
+                  rates=rates)  # fmt: skip
     init_seconds = init_first = 0.0
     if method.prepare is not None:
         # Timed twice: on a scratch copy first (one-time costs: the dispatcher's first
@@ -456,21 +571,15 @@ def finetune(method: Method, lr: float, base: dict, data: dict, evals: dict, con
             group["lr"] = group["base_lr"] * schedule(step, config.steps, warmup)
         optimizer.zero_grad(set_to_none=True)
         loss = lm_loss(model, tokens, targets)
-        if method.regulariser is not None:
-            loss = loss + method.regulariser(model)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        if method.after_step is not None:
-            method.after_step(model, optimizer, step)
         times.append(time.perf_counter() - begin)
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"{method.name} at lr {lr:g}: the training loss is not finite")
         done = step + 1
-        if final and (done % config.eval_every == 0 or done == config.steps):
+        if done % config.eval_every == 0 or done == config.steps:
             curve.append((done, evaluate(model, evals["finetune"])))
-    if not final:
-        return {"lr": lr, "selection_loss": evaluate(model, evals["selection"])}
     row = {
         "method": method.name,
         "family": method.family,
@@ -481,6 +590,7 @@ def finetune(method: Method, lr: float, base: dict, data: dict, evals: dict, con
         "optimizer_state_bytes": optimizer_bytes(optimizer),
         "val_loss_finetune": curve[-1][1],
         "val_loss_pretrain": evaluate(model, evals["pretrain"]),
+        "selection_loss": evaluate(model, evals["selection"]),
         "ms_per_step": 1e3 * statistics.median(times[1:] or times),
         "init_seconds": init_seconds,
         "init_seconds_first_call": init_first,
@@ -489,44 +599,48 @@ def finetune(method: Method, lr: float, base: dict, data: dict, evals: dict, con
         "curve": curve,
     }
     if method.measure is not None:
-        row.update(method.measure(model))
+        row.update(method.measure(model, optimizer))
     print(f"  {method.name:28s} lr {lr:<7g} finetune {row['val_loss_finetune']:.4f}  pretrain "
           f"{row['val_loss_pretrain']:.4f}  {row['ms_per_step']:.0f} ms/step  init "
           f"{1e3 * init_seconds:.1f} ms", flush=True)  # fmt: skip
     return row
 
 
-def sweep(family: str, rates: list[float], base, data, evals, config) -> tuple[float, list]:
-    """The rate with the lowest loss on the selection batches for the family's reference
-    method, and every (rate, loss) tried: ``rates``, extended by the grid's ratio past
+def sweep(family: str, rates: list[float], known: dict[str, float], base, data, evals,
+          config) -> tuple[dict, list]:  # fmt: skip
+    """The run of the family's reference method with the lowest loss on the selection
+    batches, and every (rate, loss) tried: ``rates``, extended by the grid's ratio past
     whichever end wins (at most twice), so the choice is never at the edge of what was
-    tried unless the extensions ran out."""
+    tried unless the extensions ran out. ``known``: the rates of the families already
+    chosen."""
     reference = next(m for m in METHODS if m.name == FAMILIES[family][0])
-    losses: dict[float, float] = {}
+    runs: dict[float, dict] = {}
 
     def trial(lr: float) -> None:
-        losses[lr] = finetune(reference, lr, base, data, evals, config,
-                              final=False)["selection_loss"]  # fmt: skip
+        runs[lr] = finetune(reference, {**known, family: lr}, base, data, evals, config)
         print(f"  sweep {family:5s} {reference.name:24s} lr {lr:<9.3g} selection loss "
-              f"{losses[lr]:.4f}", flush=True)  # fmt: skip
+              f"{runs[lr]['selection_loss']:.4f}", flush=True)  # fmt: skip
+
+    def loss(lr: float) -> float:
+        return runs[lr]["selection_loss"]
 
     for lr in rates:
         trial(lr)
     ratio = rates[1] / rates[0] if len(rates) > 1 else None
     for _ in range(2 if ratio else 0):
-        tried = sorted(losses)
-        best = min(tried, key=losses.get)
+        tried = sorted(runs)
+        best = min(tried, key=loss)
         if best == tried[0]:
             trial(best / ratio)
         elif best == tried[-1]:
             trial(best * ratio)
         else:
             break
-    best = min(losses, key=losses.get)
-    return best, [{"lr": lr, "selection_loss": losses[lr]} for lr in sorted(losses)]
+    best = min(runs, key=loss)
+    return runs[best], [{"lr": lr, "selection_loss": loss(lr)} for lr in sorted(runs)]
 
 
-# ---- the run ---------------------------------------------------------------------------------------
+# ---- the run ------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:
@@ -559,11 +673,14 @@ def main(argv=None) -> dict:
 
     chosen = [m for m in METHODS
               if not args.methods or any(m.name.startswith(p) for p in args.methods)]  # fmt: skip
-    rates, sweeps = {}, {}
-    for family in dict.fromkeys(m.family for m in chosen):
-        rates[family], sweeps[family] = sweep(family, config.sweep[family], base, data, evals,
-                                              config)  # fmt: skip
-    rows = [finetune(m, rates[m.family], base, data, evals, config) for m in chosen]
+    rates, sweeps, done = {}, {}, {}
+    for family in FAMILIES:  # in order: a later family's methods may read an earlier rate
+        if any(m.family == family for m in chosen):
+            best, sweeps[family] = sweep(family, config.sweep[family], rates, base, data,
+                                         evals, config)  # fmt: skip
+            rates[family], done[best["method"]] = best["lr"], best
+    # the sweep's best run is the reference method's row
+    rows = [done.get(m.name) or finetune(m, rates, base, data, evals, config) for m in chosen]
     for row in rows:
         row["init_vs_svd"] = row["init_seconds"] / svd_seconds
     result = {
