@@ -33,7 +33,10 @@ save and export to PEFT (against the compressed model) like any ``LoRAAdapter``.
 A budget ``params=f`` spends ``f`` times the targeted layers' weight parameters on the
 adapters, rank-one components taken across all layers by error removed per parameter
 (:func:`lowrank.nn.allocation.greedy_ranks`): the squared singular values above, which for
-EoRA are the squared output errors they remove on the calibration tokens.
+EoRA are the squared output errors they remove on the calibration tokens, weighted by the
+sensitivity of the model's output to each layer's output
+(:func:`lowrank.nn.calibration.output_sensitivity`, a few backward passes of random probes
+on the first calibration batch, as :func:`lowrank.nn.convert` allocates with data).
 """
 
 from __future__ import annotations
@@ -408,10 +411,18 @@ def compensate(
             _, e, gram, eg = prepare(name)
             u, worth[name] = basis(e, eg, gram, None)
             bases[name] = u[:, : allocation.max_rank(*shapes[name])]
+        if method == "eora":
+            # Squared output errors weighted by how much the model's output moves per unit
+            # change of each layer's output, as convert's global allocation does.
+            linears = {n: lin for n, (lin, _, _) in layers.items()}
+            gains = calib.output_sensitivity(original, batches[0], linears)
+            worth = {n: gains[n] * power for n, power in worth.items()}
+            what = "output error removed, weighted by the model's sensitivity to the layer,"
+        else:
+            what = "weight error removed"
         ranks = allocation.greedy_ranks(worth, shapes, params)
-        what = "output" if method == "eora" else "weight"
         report.allocation = (f"global for {params:g} of the weights: components by squared "
-                             f"{what} error removed per parameter")  # fmt: skip
+                             f"{what} per parameter")  # fmt: skip
     else:
         ranks = dict.fromkeys(layers, rank)
         report.allocation = f"rank {rank}"
