@@ -132,6 +132,7 @@ def methods(quick: bool) -> list[tuple[str, str, dict, bool]]:
         ("lowrank uniform + calib", "lowrank", {"allocation": "uniform"}, True),
         ("lowrank global", "lowrank", {"allocation": "global"}, False),
         ("lowrank uniform (plain SVD)", "lowrank", {"allocation": "uniform"}, False),
+        ("lowrank welore", "lowrank", {"allocation": "welore"}, False),
         ("monarch + calib", "monarch", {}, True),
         ("sltrain + calib", "sltrain", {}, True),
         ("kron", "kron", {}, False),
