@@ -53,8 +53,6 @@ gives the same outputs.
 from __future__ import annotations
 
 import json
-import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +61,7 @@ import torch
 from torch import nn
 
 from lowrank import _validate as check
+from lowrank.nn import peft_export
 from lowrank.nn.registry import ConversionContext, KindConfig, kind_of
 from lowrank.nn.svd_adapter import SVDAdapter, register_svd_kind
 
@@ -441,7 +440,7 @@ def peft_state(model: nn.Module, config: AdaLoRAConfig | None = None
         "lora_alpha": init_r,
         "lora_dropout": max(dropouts),
         # a string is matched against each module's whole name (re.fullmatch)
-        "target_modules": "|".join(f"(?:{re.escape(n)})" for n in sorted(layers)),
+        "target_modules": peft_export.target_regex(layers),
         "rank_pattern": pattern,
         "init_lora_weights": True,
         "fan_in_fan_out": False,
@@ -456,12 +455,6 @@ def save_peft(model: nn.Module, folder: str, config: AdaLoRAConfig | None = None
     """Writes the model's AdaLoRA layers where ``peft.PeftModel.from_pretrained(
     original_model, folder)`` loads them: ``adapter_model.safetensors`` and
     ``adapter_config.json`` (:func:`peft_state`)."""
-    from safetensors.torch import save_file
-
     tensors, adapter_config = peft_state(model, config)
-    adapter_config["base_model_name_or_path"] = base_model_name_or_path
-    os.makedirs(folder, exist_ok=True)
-    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"),
-              metadata={"format": "pt"})  # fmt: skip
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(adapter_config, f, indent=2)
+    peft_export.write_folder(folder, tensors, adapter_config,
+                             base_model_name_or_path=base_model_name_or_path)  # fmt: skip

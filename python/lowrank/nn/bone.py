@@ -32,10 +32,7 @@ outputs.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank import _validate as check
+from lowrank.nn import peft_export
 from lowrank.nn._base import AdapterLinear
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
@@ -243,45 +241,17 @@ def _check_shape(rank, variant, mini_rank, out_features, in_features) -> None:
 # ---- saving for PEFT ----------------------------------------------------------------------------
 
 
-def peft_target_regex(names: list[str]) -> str:
-    """A ``target_modules`` string that PEFT matches against each module's whole name
-    (``re.fullmatch``): exactly ``names``, where a list would match name suffixes."""
-    return "|".join(f"(?:{re.escape(n)})" for n in sorted(names))
-
-
-def write_peft_folder(folder: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """``adapter_model.safetensors`` (``adapter_model.bin`` without the ``safetensors``
-    package) and ``adapter_config.json`` in ``folder``, as ``PeftModel.save_pretrained``
-    writes them."""
-    os.makedirs(folder, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        torch.save(tensors, os.path.join(folder, "adapter_model.bin"))
-    else:
-        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"),
-                  metadata={"format": "pt"})  # fmt: skip
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-
-
 def peft_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(tensors, adapter_config)`` of every :class:`BoneAdapter` in ``model`` in PEFT's MiSS
     format: keys ``base_model.model.<name>.miss_block``. PEFT's MiSS has one ``r``, variant,
     ``mini_r`` and dropout for all layers, so the adapters must agree on them."""
     tensors: dict[str, torch.Tensor] = {}
     settings: dict[str, tuple] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, BoneAdapter):
-            continue
-        if module.merged:
-            raise ValueError(f"{name}: unmerge the adapter before saving it for PEFT")
+    layers = peft_export.adapters(model, lambda m: isinstance(m, BoneAdapter), "BoneAdapter")
+    for name, module in layers.items():
         tensors[f"base_model.model.{name}.miss_block"] = module.block.detach()
         dropout = float(getattr(module.dropout, "p", 0.0))
         settings[name] = (module.rank, module.variant, module.mini_rank or 1, dropout)
-    if not settings:
-        raise ValueError("the model holds no BoneAdapter")
     if len(set(settings.values())) > 1:
         raise ValueError("PEFT's MiSS has one (rank, variant, mini_rank, dropout) for all "
                          f"layers; the adapters have {sorted(set(settings.values()))}")  # fmt: skip
@@ -293,7 +263,7 @@ def peft_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         "mini_r": mini_rank,
         "miss_dropout": dropout,
         "init_weights": _PEFT_INIT_WEIGHTS[variant],
-        "target_modules": peft_target_regex(list(settings)),
+        "target_modules": peft_export.target_regex(settings),
         "bias": "none",
         "inference_mode": True,
     }
@@ -304,8 +274,8 @@ def save_peft(model: nn.Module, folder: str, *, base_model_name_or_path: str | N
     """Writes the model's Bone adapters where ``peft.PeftModel.from_pretrained(original_model,
     folder)`` loads them as MiSS adapters with the same outputs."""
     tensors, config = peft_state(model)
-    config["base_model_name_or_path"] = base_model_name_or_path
-    write_peft_folder(folder, tensors, config)
+    peft_export.write_folder(folder, tensors, config,
+                             base_model_name_or_path=base_model_name_or_path)  # fmt: skip
 
 
 # ---- the conversion kind ------------------------------------------------------------------------

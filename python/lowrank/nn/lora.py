@@ -35,10 +35,7 @@ initial factors as buffers ``A0``/``B0``: a trained adapter is then exported aga
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -50,6 +47,7 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.linalg.rsvd import rsvd
+from lowrank.nn import peft_export
 from lowrank.nn._base import AdapterLinear
 from lowrank.nn.calibration import InputStats
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
@@ -353,20 +351,17 @@ def peft_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     dropouts: dict[str, float] = {}
-    for name, module in model.named_modules():
-        if not (isinstance(module, AdapterLinear) and hasattr(module, "peft_factors")):
-            continue
-        if module.merged:
-            raise ValueError(f"{name}: unmerge the adapter before saving it for PEFT")
+    layers = peft_export.adapters(
+        model, lambda m: isinstance(m, AdapterLinear) and hasattr(m, "peft_factors"),
+        "adapter with plain LoRA factors (a LoRAAdapter, or another adapter with a "
+        "peft_factors() method such as an SVDAdapter)")  # fmt: skip
+    for name, module in layers.items():
         a, b, r, alpha = module.peft_factors()
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
         ranks[name], alphas[name] = r, alpha
         dropouts[name] = float(getattr(getattr(module, "dropout", None), "p", 0.0))
-    if not ranks:
-        raise ValueError("the model holds no LoRAAdapter (nor another adapter with "
-                         "peft_factors)")  # fmt: skip
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas[n] for n in ranks if ranks[n] == r).most_common(1)[0][0]
     dropout = Counter(dropouts.values()).most_common(1)[0][0]
@@ -375,7 +370,7 @@ def peft_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         warnings.warn(f"PEFT has one lora_dropout for all layers: saved {dropout:g}, the most "
                       f"common; the layers {differ[:5]} use another dropout, which PEFT will "
                       "not apply if it trains them", stacklevel=3)  # fmt: skip
-    names = sorted(ranks)
+    names, key = sorted(ranks), peft_export.pattern_key
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -383,14 +378,14 @@ def peft_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         # a string is matched against each module's whole name (re.fullmatch)
-        "target_modules": "|".join(f"(?:{re.escape(n)})" for n in names),
+        "target_modules": peft_export.target_regex(names),
         "init_lora_weights": True,  # never re-run a base-rewriting init on load
         "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": False,
         "bias": "none",
-        "rank_pattern": {f"^{re.escape(n)}": ranks[n] for n in names if ranks[n] != r},
-        "alpha_pattern": {f"^{re.escape(n)}": alphas[n] for n in names if alphas[n] != alpha},
+        "rank_pattern": {key(n): ranks[n] for n in names if ranks[n] != r},
+        "alpha_pattern": {key(n): alphas[n] for n in names if alphas[n] != alpha},
         "inference_mode": True,
     }
     return tensors, config
@@ -403,18 +398,8 @@ def save_peft(model: nn.Module, folder: str, *, base_model_name_or_path: str | N
     before conversion: adapters whose init rewrote the base weight are saved as the
     equivalent rank-``2r`` adapter on the original weight (module docstring)."""
     tensors, config = peft_state(model)
-    config["base_model_name_or_path"] = base_model_name_or_path
-    os.makedirs(folder, exist_ok=True)
-    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        torch.save(tensors, os.path.join(folder, "adapter_model.bin"))
-    else:
-        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"),
-                  metadata={"format": "pt"})  # fmt: skip
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    peft_export.write_folder(folder, tensors, config,
+                             base_model_name_or_path=base_model_name_or_path)  # fmt: skip
 
 
 # ---- the conversion kind ------------------------------------------------------------------------

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank import _validate as check
+from lowrank.nn import peft_export
 from lowrank.nn._base import AdapterLinear
-from lowrank.nn.bone import peft_target_regex, write_peft_folder
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
 BASES = ("dense", "sparse", "very_sparse")
@@ -358,11 +358,9 @@ def peft_state(
     tensors: dict[str, torch.Tensor] = {}
     settings: dict[str, tuple] = {}
     shapes, first = [], None
-    for name, module in model.named_modules():
-        if not isinstance(module, RandLoRAAdapter):
-            continue
-        if module.merged:
-            raise ValueError(f"{name}: unmerge the adapter before saving it for PEFT")
+    layers = peft_export.adapters(model, lambda m: isinstance(m, RandLoRAAdapter),
+                                  "RandLoRAAdapter")  # fmt: skip
+    for name, module in layers.items():
         dtype = module.base.weight.dtype
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.randlora_lambda"] = module.lam.detach().to(dtype)
@@ -372,8 +370,6 @@ def peft_state(
                           tuple(module.basis_shape), dropout)  # fmt: skip
         shapes.append((module.out_features, module.in_features))
         first = first or module
-    if not settings:
-        raise ValueError("the model holds no RandLoRAAdapter")
     if len(set(settings.values())) > 1:
         raise ValueError("PEFT's RandLoRA has one (rank, alpha, seed, basis, basis_shape, "
                          "dropout) for all layers; the adapters have "
@@ -399,7 +395,7 @@ def peft_state(
         "save_projection": bool(save_projection),
         "sparse": basis == "sparse",
         "very_sparse": basis == "very_sparse",
-        "target_modules": peft_target_regex(list(settings)),
+        "target_modules": peft_export.target_regex(settings),
         "fan_in_fan_out": False,
         "bias": "none",
         "init_weights": True,
@@ -413,8 +409,8 @@ def save_peft(model: nn.Module, folder: str, *, save_projection: bool = True,
     """Writes the model's RandLoRA adapters where ``peft.PeftModel.from_pretrained(
     original_model, folder)`` loads them with the same outputs (see :func:`peft_state`)."""
     tensors, config = peft_state(model, save_projection=save_projection)
-    config["base_model_name_or_path"] = base_model_name_or_path
-    write_peft_folder(folder, tensors, config)
+    peft_export.write_folder(folder, tensors, config,
+                             base_model_name_or_path=base_model_name_or_path)  # fmt: skip
 
 
 # ---- the conversion kind ------------------------------------------------------------------------
