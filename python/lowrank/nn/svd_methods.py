@@ -16,22 +16,29 @@ kind          B (out x r) / A (r x in)           C           trains             
   input side, as the authors' implementation does), and only the ``r x r`` core trains,
   starting from ``N(0, sigma^2)`` with ``sigma = 1e-5``; ``s = alpha / r``. The base weight
   is unchanged.
-- **LoRA-SB** (Ponkshe et al. 2024): LoRA-XS's form started from the first step full
-  fine-tuning would take. The gradient of the loss with respect to each targeted weight is
-  averaged over the calibration batches (:func:`first_update`), the update is
-  ``-lr sign(G)`` (Adam's first step, the paper's estimate; ``update="gradient"`` for SGD's
-  ``-lr G``), and its truncated SVD ``U_r S_r V_r^T`` gives ``B = U_r``, ``C = S_r / s``,
-  ``A = V_r^T`` with ``s = 1`` (the paper shows the scale is not a hyperparameter with
-  orthonormal ``B`` and ``A``): the adapter *starts* as the best rank-``r`` approximation of
-  that first update (the base weight is unchanged), and with ``B``, ``A`` orthonormal every
-  step on ``C`` moves ``W`` by the projection ``U_r U_r^T G V_r V_r^T`` of the full gradient
-  ``G``, the closest update the form allows.
-- **SORSA** (Cao 2024): PiSSA's split, the principal part ``U_r diag(S_r) V_r^T`` trains in
-  all three factors and the residual ``W - U_r S_r V_r^T`` is the frozen base; the
-  orthonormality regulariser ``||B^T B - I||_F^2 + ||A A^T - I||_F^2``
-  (:func:`sorsa_regularizer`) is applied as a separate gradient step after each optimizer
-  step, ``gamma * lr_t / lr_0`` times its gradient (:func:`sorsa_step`, or
-  :func:`sorsa_hook` on the optimizer), as the paper's optimizer does.
+- **LoRA-SB** (Ponkshe et al. 2024, "Initialization using Update Approximation is a Silver
+  Bullet for Extremely Efficient Low-Rank Fine-Tuning", arXiv 2411.19557): LoRA-XS's form
+  started from the first step full fine-tuning would take. The gradient ``G`` of the loss
+  with respect to each targeted weight is averaged over the calibration batches
+  (:func:`first_update`); the first update is Adam's first step, ``dW = -lr sign(G)``
+  (``update="gradient"`` for SGD's ``-lr G``), with ``lr`` the learning rate of that first
+  step (the authors take the first step of a linear warm-up, ``lr / warmup_steps``). Its
+  truncated SVD ``dW ~ U_r S_r V_r^T`` gives ``B = U_r``, ``C = S_r / s``, ``A = V_r^T`` with
+  ``s = alpha / r = 1`` (``alpha = r``, as the authors' code sets it); the base weight is
+  unchanged, so the adapted weight starts at ``W + (best rank-r approximation of dW)``, and
+  with ``B``, ``A`` orthonormal each step on ``C`` moves ``W`` by the projection
+  ``U_r U_r^T G V_r V_r^T`` of the full gradient, the closest update the form allows. (The
+  authors' code sums per-sample gradients with the model in training mode; here the model
+  is in eval mode, so the estimate is deterministic. ``sign`` of a sum and of a mean agree.)
+- **SORSA** (Cao 2024, "SORSA: Singular Values and Orthonormal Regularized Singular Vectors
+  Adaptation of Large Language Models", arXiv 2409.00055): PiSSA's split, the principal part
+  ``U_p diag(S_p) V_p^T`` (``B = U_p``, ``C = S_p``, ``A = V_p^T``) trains in all three
+  factors and the residual ``W - U_p diag(S_p) V_p^T`` is the frozen base. The orthonormal
+  regulariser ``L_reg = ||U_p^T U_p - I||_F + ||V_p^T V_p - I||_F`` (Frobenius norms, not
+  squared; :func:`sorsa_regularizer`) is descended in its own gradient step, not through
+  the optimizer: ``W_{p,t+1} = W_{p,t} - eta_t (optimizer step on the loss) - gamma_t grad
+  L_reg``, ``gamma_t = gamma eta_t / eta_0`` (:func:`sorsa_step`, or :func:`sorsa_hook` on
+  the optimizer; ``gamma = 4e-4`` in the paper).
 - **SVFit** (Sun et al. 2024): the same split; only the top-``r`` singular values train.
 - **LoLDU** (Shi et al. 2024): the LU factorisation with partial pivoting ``W = P L D U``
   (``L`` unit lower, ``D`` diagonal, ``U`` unit upper) gives the frozen ``B = P L_r``
@@ -113,10 +120,11 @@ class LoRAXSAdapter(SVDAdapter):
 
 
 class LoRASBAdapter(SVDAdapter):
-    """LoRA-SB (module docstring): from ``update``, the ``(out, in)`` first update of full
-    fine-tuning (:func:`first_update`), or its top singular ``triplets``: ``B = U_r``,
-    ``C = diag(S_r)``, ``A = V_r^T``, ``s = 1``, only ``C`` trains. The base is unchanged:
-    the adapter starts as the best rank-``r`` approximation of the update."""
+    """LoRA-SB (module docstring): from ``update``, the ``(out, in)`` first update ``dW`` of
+    full fine-tuning (:func:`first_update`), or its top singular ``triplets``
+    ``dW ~ U_r S_r V_r^T``: ``B = U_r``, ``C = diag(S_r) / s``, ``A = V_r^T`` with ``s = 1``;
+    only ``C`` trains. The base is unchanged: the adapter starts as the best rank-``r``
+    approximation of the update."""
 
     def __init__(self, base: nn.Linear, rank: int, update: torch.Tensor | None = None, *,
                  svd: str = "randomized", n_iter: int = 2, seed: int | None = 0,
@@ -144,9 +152,10 @@ class LoRASBAdapter(SVDAdapter):
 
 
 class SORSAAdapter(SVDAdapter):
-    """SORSA (module docstring): ``B = U_r``, ``C = S_r`` (diagonal), ``A = V_r^T``, all
-    trainable, on the residual base; train with :func:`sorsa_hook` (or call
-    :func:`sorsa_step` after each optimizer step)."""
+    """SORSA (module docstring): ``B = U_p``, ``C = S_p`` (diagonal), ``A = V_p^T`` from the
+    top-``r`` SVD of the weight, all trainable, on the residual base ``W - U_p diag(S_p)
+    V_p^T``; train with :func:`sorsa_hook` on the optimizer (or call :func:`sorsa_step`
+    with ``gamma_t`` at each step)."""
 
     def __init__(self, base: nn.Linear, rank: int, *, svd: str = "randomized", n_iter: int = 2,
                  seed: int | None = 0, dropout: float = 0.0, dtype: torch.dtype | None = None,
@@ -319,17 +328,26 @@ def _sorsa_layers(model: nn.Module) -> list[SORSAAdapter]:
     return [m for m in model.modules() if isinstance(m, SORSAAdapter)]
 
 
+def _work(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least (float64 stays float64), for the regulariser's arithmetic."""
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
 def sorsa_regularizer(model: nn.Module) -> torch.Tensor:
-    """SORSA's orthonormality regulariser summed over the model's :class:`SORSAAdapter`
-    layers: ``||B^T B - I||_F^2 + ||A A^T - I||_F^2`` (``B = U_p``, ``A = V_p^T``),
-    differentiable (a loss term), 0 for a model without SORSA layers."""
-    total = None
+    """SORSA's orthonormal regulariser (Cao 2024, arXiv 2409.00055), summed over the model's
+    :class:`SORSAAdapter` layers::
+
+        L_reg = ||U_p^T U_p - I||_F + ||V_p^T V_p - I||_F      (U_p = B, V_p^T = A)
+
+    the Frobenius norms themselves, not their squares. Differentiable (its gradient is what
+    :func:`sorsa_step` descends), in float32 at least; 0 for a model without SORSA layers."""
+    total = torch.zeros(())
     for layer in _sorsa_layers(model):
-        eye = torch.eye(layer.rank, device=layer.B.device, dtype=layer.B.dtype)
-        b, a = layer.B, layer.A
-        value = (b.T @ b - eye).square().sum() + (a @ a.T - eye).square().sum()
-        total = value if total is None else total + value.to(total.dtype)
-    return torch.zeros(()) if total is None else total
+        b, a = _work(layer.B), _work(layer.A)
+        eye = torch.eye(layer.rank, device=b.device, dtype=b.dtype)
+        value = torch.linalg.matrix_norm(b.T @ b - eye) + torch.linalg.matrix_norm(a @ a.T - eye)
+        total = total.to(value) + value
+    return total
 
 
 def orthonormality_error(model: nn.Module) -> float:
@@ -345,38 +363,57 @@ def orthonormality_error(model: nn.Module) -> float:
 
 @torch.no_grad()
 def sorsa_step(model: nn.Module, gamma: float) -> None:
-    """One gradient step of ``gamma`` on SORSA's regulariser, separate from the optimizer's:
-    ``B -= gamma * 4 B (B^T B - I)``, ``A -= gamma * 4 (A A^T - I) A`` (the regulariser's
-    gradients) in every :class:`SORSAAdapter` of ``model``."""
+    """One gradient-descent step of size ``gamma`` on :func:`sorsa_regularizer`, separate from
+    the optimizer's, in every :class:`SORSAAdapter` of ``model``::
+
+        B <- B - gamma * 2 B M_B / ||M_B||_F        M_B = B^T B - I
+        A <- A - gamma * 2 M_A A / ||M_A||_F        M_A = A A^T - I
+
+    (the gradients of the two norms; a factor that is already orthonormal does not move,
+    the norm's subgradient 0 there). Computed in float32 at least."""
     gamma = check.real("gamma", gamma, 0.0)
     for layer in _sorsa_layers(model):
-        eye = torch.eye(layer.rank, device=layer.B.device, dtype=layer.B.dtype)
-        b, a = layer.B, layer.A
-        grad_b = 4 * b @ (b.T @ b - eye)
-        grad_a = 4 * (a @ a.T - eye) @ a
-        b.sub_(gamma * grad_b)
-        a.sub_(gamma * grad_a)
+        b, a = _work(layer.B), _work(layer.A)
+        eye = torch.eye(layer.rank, device=b.device, dtype=b.dtype)
+        m_b, m_a = b.T @ b - eye, a @ a.T - eye
+        norm_b, norm_a = torch.linalg.matrix_norm(m_b), torch.linalg.matrix_norm(m_a)
+        step_b = (2 * gamma) * (b @ m_b) / torch.where(norm_b > 0, norm_b, 1.0)
+        step_a = (2 * gamma) * (m_a @ a) / torch.where(norm_a > 0, norm_a, 1.0)
+        layer.B.copy_(b - step_b)
+        layer.A.copy_(a - step_a)
 
 
 def sorsa_hook(optimizer: torch.optim.Optimizer, model: nn.Module, gamma: float = 4e-4):
-    """Applies :func:`sorsa_step` after every ``optimizer.step()``, with ``gamma`` following
-    the learning-rate schedule: ``gamma * lr_t / lr_0`` (``lr_0`` the first parameter
-    group's ``initial_lr`` when a scheduler set it, else its ``lr`` now), as SORSA's
-    optimizer does. Returns the hook's handle (``.remove()`` to stop)."""
+    """Adds SORSA's regulariser step to every ``optimizer.step()``: the paper's update
+
+        W_{p,t+1} = W_{p,t} - eta_t (the optimizer's step on the loss) - gamma_t grad L_reg(W_{p,t})
+        gamma_t = gamma * eta_t / eta_0
+
+    with ``eta_t`` the first parameter group's learning rate at the step and ``eta_0`` its
+    ``initial_lr`` (set by a learning-rate scheduler; else its ``lr`` when the hook was
+    added), so the regulariser follows the schedule; ``gamma = 4e-4`` is the paper's. The
+    regulariser's step (:func:`sorsa_step`) runs just before the optimizer's (a step
+    pre-hook), so both gradients are taken at ``W_{p,t}``. Returns the hook's handle
+    (``.remove()`` to stop).
+
+    The authors' released trainer instead adds ``gamma / eta_0`` times the gradient of the
+    regulariser *averaged over all adapted matrices* to the loss's gradient before AdamW's
+    step, so that Adam normalises it; the separate descent step here is the paper's equation
+    (the two coincide for plain SGD up to that averaging)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")  # fmt: skip
     gamma = check.real("gamma", gamma, 0.0)
     if not _sorsa_layers(model):
         raise ValueError("model holds no SORSAAdapter")
-    group = optimizer.param_groups[0]
-    lr0 = float(group.get("initial_lr", group["lr"]))
+    lr_when_added = float(optimizer.param_groups[0]["lr"])
 
     def hook(opt, _args, _kwargs):
-        lr = float(opt.param_groups[0]["lr"])
+        group = opt.param_groups[0]
+        lr, lr0 = float(group["lr"]), float(group.get("initial_lr", lr_when_added))
         sorsa_step(model, gamma * (lr / lr0 if lr0 > 0 else 1.0))
 
-    return optimizer.register_step_post_hook(hook)
+    return optimizer.register_step_pre_hook(hook)
 
 
 # ---- the conversion kinds -----------------------------------------------------------------------
@@ -428,8 +465,10 @@ class LoRAXSConfig(_SVDKindConfig):
 @dataclass
 class LoRASBConfig(_SVDKindConfig):
     """``convert(model, "lora_sb", calibration=batches, ...)``: the first update is estimated
-    on the calibration batches by :func:`first_update` with ``lr``, ``update`` and ``loss``
-    (a callable ``(batch, output) -> scalar``; default the model output's ``.loss``)."""
+    on the calibration batches by :func:`first_update` with ``lr`` (the learning rate of full
+    fine-tuning's first step: with a linear warm-up over ``k`` steps, ``peak_lr / k``),
+    ``update`` and ``loss`` (a callable ``(batch, output) -> scalar``; default the model
+    output's ``.loss``)."""
 
     lr: float = 1e-3
     update: str = "sign"
@@ -454,8 +493,8 @@ class LoRASBConfig(_SVDKindConfig):
 
 @dataclass
 class SORSAConfig(_SVDKindConfig):
-    """``convert(model, "sorsa", ...)``: :class:`SORSAAdapter`; the regulariser's weight is
-    given to :func:`sorsa_hook` / :func:`sorsa_step` at training time."""
+    """``convert(model, "sorsa", ...)``: :class:`SORSAAdapter`; the regulariser's ``gamma`` is
+    given to :func:`sorsa_hook` (or :func:`sorsa_step`) at training time."""
 
 
 @dataclass
