@@ -9,12 +9,19 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_convert import Toy, ids
 from torch import nn
 
 import lowrank.nn as lnn
 from lowrank.nn import KindConfig, convert, kinds, load, register_kind, save, unconvert
 from lowrank.nn._base import AdapterLinear
+
+
+def next_token_loss(batch, logits):
+    """The language-model loss of the toy model's logits on its input ids."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+
 
 BUILT_IN = {
     "lowrank": {"rank": 4},
@@ -27,6 +34,13 @@ BUILT_IN = {
     "allora": {"rank": 2},
     "bone": {"rank": 2},
     "randlora": {"rank": 2},
+    "lora_xs": {"rank": 2},
+    # LoRA-SB's init is the SVD of the first update full fine-tuning would make: gradients of
+    # a loss on calibration batches
+    "lora_sb": {"rank": 2, "loss": next_token_loss, "calibration": [ids(seed=7), ids(seed=8)]},
+    "sorsa": {"rank": 2},
+    "svfit": {"rank": 2},
+    "loldu": {"rank": 2, "init_diagonal": "normal"},
 }
 
 
