@@ -20,7 +20,7 @@ factors; adapters whose bases are frozen and only a small core trains), each cho
 short sweep of the family's reference method on held-out batches of the fine-tuning
 domain that are not the reported ones; every choice and the sweep are in the output.
 
-    python examples/finetune.py                  # the benchmark (about 10 minutes, 2 cores)
+    python examples/finetune.py                  # the benchmark (about 12 minutes on 2 cores)
     python examples/finetune.py --quick          # a tiny model, a few steps of each (CI)
     python examples/finetune.py --methods LoRA   # a subset, by name prefix
 
@@ -53,6 +53,7 @@ from torch import nn
 import lowrank
 import lowrank.nn.adalora
 import lowrank.nn.svd_methods
+from lowrank import _validate as check
 from lowrank.nn import convert
 from lowrank.nn._base import AdapterLinear
 from lowrank.optim import LoRAPro
@@ -647,9 +648,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model, a few steps (CI)")
     parser.add_argument("--methods", nargs="*", default=None, help="a subset, by name prefix")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fine-tuning steps (default 200; --quick 3)")  # fmt: skip
     parser.add_argument("--out", default=os.path.join("bench", "out"))
     args = parser.parse_args(argv)
     config = quick_config() if args.quick else full_config()
+    if args.steps is not None:
+        config.steps = check.positive_int("--steps", args.steps)
+        config.eval_every = max(1, config.steps // 5)
     data = corpus(config.max_bytes)
     print("corpus (bytes): " + ", ".join(f"{d} {s} {len(t)}" for d, splits in data.items()
                                          for s, t in splits.items()))  # fmt: skip
