@@ -335,7 +335,8 @@ class Method:
     parameter trains); ``optimizer(model, lr, setup)`` builds the optimizer over what
     trains, with the method's per-step hooks registered on it; ``measure(model,
     optimizer)`` adds the method's own end-of-run numbers to its row. ``family`` names the
-    learning rate it shares; ``note`` documents the choices."""
+    learning rate it shares, ``reads`` the other families whose rates it needs; ``note``
+    documents the choices."""
 
     name: str
     family: str
@@ -343,6 +344,7 @@ class Method:
     optimizer: Callable[[nn.Module, float, Setup], torch.optim.Optimizer] = adamw
     measure: Callable[[nn.Module, torch.optim.Optimizer], dict[str, Any]] | None = None
     note: str = ""
+    reads: tuple[str, ...] = ()  # other families whose rates ``prepare`` reads
 
 
 FAMILIES = {
@@ -374,7 +376,7 @@ METHODS: list[Method] = [
     Method("LoRA-SB r=16", "core", lora_sb(16),
            note="the top-16 SVD of full fine-tuning's first AdamW step (-lr sign of the mean "
                 "gradient over the calibration batches, lr = full fine-tuning's) gives the "
-                "frozen bases and the initial 16 x 16 core"),
+                "frozen bases and the initial 16 x 16 core", reads=("full",)),
     Method("SORSA r=4", "lora", adapter("sorsa", rank=4), sorsa_optimizer, sorsa_measure,
            note=f"PiSSA's split, U, S, V all train; orthonormality step gamma {SORSA_GAMMA} "
                 "after each optimizer step (the paper's), scaled with the rate's schedule"),
@@ -681,7 +683,7 @@ def main(argv=None) -> dict:
               if not args.methods or any(m.name.startswith(p) for p in args.methods)]  # fmt: skip
     rates, sweeps, done = {}, {}, {}
     for family in FAMILIES:  # in order: a later family's methods may read an earlier rate
-        if any(m.family == family for m in chosen):
+        if any(family == m.family or family in m.reads for m in chosen):
             best, sweeps[family] = sweep(family, config.sweep[family], rates, base, data,
                                          evals, config)  # fmt: skip
             rates[family], done[best["method"]] = best["lr"], best
