@@ -38,6 +38,7 @@ SUITES = {
     "monarch": "bench_monarch",
     "rsvd": "bench_rsvd",
     "sltrain": "bench_sltrain",
+    "spectral": "bench_spectral",
     "out_of_core": "bench_out_of_core",
 }
 
