@@ -539,6 +539,46 @@ def small_model():
     return torch.nn.Sequential(linear(6, 8), torch.nn.ReLU(), linear(8, 4))
 
 
+# The SVD-parameterised kinds: each one's valid options and how to malform them (the shared
+# ones: dropout, seed, and for the SVD-based inits svd and n_iter). Their configurations are
+# fuzzed through convert, which builds them from these options.
+_SVD = ({"svd": "randomized", "n_iter": 1, "seed": 0, "dropout": 0.1},
+        {"svd": "str", "n_iter": "int", "seed": "int", "dropout": "float"})  # fmt: skip
+SVD_KIND_OPTIONS = {
+    "lora_xs": ({**_SVD[0], "alpha": 4.0, "sigma": 1e-3},
+                {**_SVD[1], "alpha": "float", "sigma": "float"}),
+    "lora_sb": ({**_SVD[0], "lr": 1e-2, "update": "sign"},
+                {**_SVD[1], "lr": "float", "update": "str"}),
+    "sorsa": _SVD,
+    "svfit": _SVD,
+    "loldu": ({"alpha": 2.0, "init_diagonal": "normal", "train_scale": True, "seed": 0,
+               "dropout": 0.1},
+              {"alpha": "float", "init_diagonal": "str", "train_scale": "bool", "seed": "int",
+               "dropout": "float"}),
+}  # fmt: skip
+
+
+def squared_output(_batch, output):
+    return output.square().mean()
+
+
+def svd_kind_conversion(kind: str) -> Target:
+    """``convert`` of a small model to an SVD-parameterised kind with a malformed rank or
+    option; LoRA-SB gets calibration batches and a loss."""
+    valid, kinds = SVD_KIND_OPTIONS[kind]
+    extra = {}
+    if kind == "lora_sb":
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randn(5, 6, generator=g), torch.randn(3, 6, generator=g)]
+        extra = {"calibration": batches, "loss": squared_output}
+
+    def call(model, rank, **options):
+        return nn.convert(model, kind, rank=rank, progress=False, **extra, **options)
+
+    return Target(f"nn.convert[{kind}]", call, {"rank": "int", **kinds},
+                  lambda: {"model": small_model(), "rank": 2, **valid})  # fmt: skip
+
+
 def targets_of_conversion(t: list[Target]) -> None:
     """Whole-model conversion, the kinds' configurations, and loading a saved model."""
     t.append(
@@ -571,6 +611,8 @@ def targets_of_conversion(t: list[Target]) -> None:
     )  # fmt: skip
     for config, valid, kinds in configs:
         t.append(Target(f"nn.{config.__name__}", config, kinds, lambda v=valid: dict(v)))
+    for kind in SVD_KIND_OPTIONS:
+        t.append(svd_kind_conversion(kind))
     saved = tempfile.mkdtemp()
     model = small_model()
     nn.convert(model, "lowrank", rank=2, progress=False)

@@ -270,9 +270,9 @@ def test_sorsa_hook_is_the_papers_update():
     # descending the regulariser with a decaying step (as gamma_t does under a decaying
     # schedule) drives the factors to orthonormal
     error = orthonormality_error(model)
-    for t in range(60):
-        sorsa_step(model, 0.05 * 0.9**t)
-    assert orthonormality_error(model) < min(error, 1e-3) * 0.5
+    for t in range(40):
+        sorsa_step(model, 0.05 * 0.85**t)
+    assert orthonormality_error(model) < min(error / 100, 1e-3)
 
 
 # ---- the core -----------------------------------------------------------------------------------
@@ -455,6 +455,33 @@ def test_bad_input_before_any_change(kind):
         convert(model, kind, rank=2, init="pissa", progress=False)
     assert all(type(m) is nn.Linear for m in (model.a, model.b))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_overflowing_options_are_named_before_any_change():
+    """Options whose values overflow the adapters' dtypes: an error naming the option, before
+    any layer changes (not a non-finite factor found later, nor an infinite scale)."""
+    model = toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="sigma"):
+        convert(model, "lora_xs", rank=2, sigma=1e300, progress=False)
+    with pytest.raises(ValueError, match="sigma"):  # finite in float32, not in float16
+        convert(toy(), "lora_xs", rank=2, sigma=1e4, dtype=torch.float16, progress=False)
+    for kind in ("lora_xs", "loldu"):
+        with pytest.raises(ValueError, match="alpha"):
+            convert(model, kind, rank=2, alpha=1e300, progress=False)
+    with pytest.raises(ValueError, match=r"lr = 1e\+300 makes the first update of a overflow"):
+        convert(model, "lora_sb", rank=2, lr=1e300, calibration=calibration("lora_sb"),
+                loss=square_loss, progress=False)  # fmt: skip
+    assert all(type(m) is nn.Linear for m in (model.a, model.b))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # a large but finite lr: the update's SVD does not overflow (the singular values scale)
+    sb = {"svd": "exact", "loss": square_loss, "progress": False,
+          "calibration": calibration("lora_sb", torch.float64)}  # fmt: skip
+    big = convert(toy(torch.float64), "lora_sb", rank=2, lr=1e200, **sb).model
+    unit = convert(toy(torch.float64), "lora_sb", rank=2, lr=1.0, **sb).model
+    assert relative_error(big.a.C, 1e200 * unit.a.C) <= 1e-12
+    layer = LoRASBAdapter(nn.Linear(6, 4), 2, torch.full((4, 6), 1e30))
+    assert relative_error(layer.delta_weight(), torch.full((4, 6), 1e30)) <= 1e-5
 
 
 def test_per_layer_bad_input():

@@ -93,6 +93,22 @@ def _check_svd(svd: str, n_iter: int) -> int:
     return check.iterations("n_iter", n_iter)
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_alpha(alpha: Any, rank: int) -> float:
+    """``alpha`` (default ``rank``) such that the scale ``alpha / rank`` is finite in float32,
+    the scale's precision at least."""
+    if alpha is None:
+        return float(rank)
+    return check.real("alpha", alpha, -_FLOAT32_MAX * rank, _FLOAT32_MAX * rank)
+
+
+def _check_sigma(sigma: Any, dtype: torch.dtype) -> float:
+    """LoRA-XS's init standard deviation: its normal draws must stay finite in ``dtype``."""
+    return check.real("sigma", sigma, 0.0, torch.finfo(dtype).max / 16)
+
+
 class LoRAXSAdapter(SVDAdapter):
     """LoRA-XS (module docstring): ``B = U_r``, ``A = S_r V_r^T`` frozen, ``C`` (``r x r``)
     trains from ``N(0, sigma^2)``, ``s = alpha / rank`` (default ``alpha = rank``).
@@ -105,8 +121,11 @@ class LoRAXSAdapter(SVDAdapter):
                  sigma: float = 1e-5, svd: str = "randomized", n_iter: int = 2,
                  seed: int | None = 0, dropout: float = 0.0, dtype: torch.dtype | None = None,
                  triplets: Triplets | None = None) -> None:  # fmt: skip
-        alpha = float(rank if alpha is None else check.real("alpha", alpha))
-        sigma = check.real("sigma", sigma, 0.0)
+        alpha = _check_alpha(alpha, rank)
+        if dtype is None and isinstance(base, nn.Linear):
+            sigma = _check_sigma(sigma, base.weight.dtype)
+        elif isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            sigma = _check_sigma(sigma, dtype)
         n_iter = _check_svd(svd, n_iter)
         super().__init__(base, rank, trainable=("C",), scale=alpha / rank, dropout=dropout,
                          dtype=dtype)  # fmt: skip
@@ -145,10 +164,18 @@ class LoRASBAdapter(SVDAdapter):
                                  f"{tuple(update.shape)}")  # fmt: skip
             if not bool(torch.isfinite(update).all()):
                 raise ValueError("update contains NaN or Inf")
-            triplets = top_singular_triplets({"u": update}, self.rank, svd=svd, n_iter=n_iter,
-                                             seed=seed)["u"]  # fmt: skip
+            # the SVD of the update scaled to entries of at most 1 (no overflow in its
+            # products), its singular values scaled back
+            size = update.detach().abs().amax().double().clamp_min(torch.finfo(update.dtype).tiny)
+            u, s, vh = top_singular_triplets({"u": update / size.to(update.dtype)}, self.rank,
+                                             svd=svd, n_iter=n_iter, seed=seed)["u"]  # fmt: skip
+            triplets = (u, (s.double() * size).to(s.dtype), vh)
         u, s, vh = _triplets(self.base, self.rank, triplets, svd, n_iter, seed)
-        self.set_factors(u, torch.diag(s) / float(self.scale), vh)
+        core = torch.diag(s) / float(self.scale)
+        if not bool(torch.isfinite(core.to(self.C.dtype)).all()):
+            raise ValueError(f"the singular values of the update (or triplets) overflow the "
+                             f"adapter's dtype {self.C.dtype}")  # fmt: skip
+        self.set_factors(u, core, vh)
 
 
 class SORSAAdapter(SVDAdapter):
@@ -213,7 +240,7 @@ class LoLDUAdapter(SVDAdapter):
         if init_diagonal not in DIAGONAL_INITS:
             raise ValueError(f"init_diagonal must be one of {DIAGONAL_INITS}, got "
                              f"{init_diagonal!r}")  # fmt: skip
-        alpha = float(rank if alpha is None else check.real("alpha", alpha))
+        alpha = _check_alpha(alpha, rank)
         trainable = ("C", "scale") if train_scale else ("C",)
         super().__init__(base, rank, diagonal=True, trainable=trainable, scale=alpha / rank,
                          dropout=dropout, dtype=dtype)  # fmt: skip
@@ -318,6 +345,9 @@ def first_update(
     for name, total in zip(names, sums):
         mean = total / count
         result[name] = -lr * (torch.sign(mean) if update == "sign" else mean)
+        if not bool(torch.isfinite(result[name]).all()):
+            raise ValueError(f"lr = {lr:g} makes the first update of {name} overflow "
+                             f"{result[name].dtype}")  # fmt: skip
     return result
 
 
@@ -458,8 +488,8 @@ class LoRAXSConfig(_SVDKindConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.alpha is not None:
-            self.alpha = check.real("alpha", self.alpha)
-        self.sigma = check.real("sigma", self.sigma, 0.0)
+            self.alpha = _check_alpha(self.alpha, self.rank)
+        self.sigma = _check_sigma(self.sigma, self.dtype or torch.float32)
 
 
 @dataclass
@@ -514,7 +544,7 @@ class LoLDUConfig(_SVDKindConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.alpha is not None:
-            self.alpha = check.real("alpha", self.alpha)
+            self.alpha = _check_alpha(self.alpha, self.rank)
         if self.init_diagonal not in DIAGONAL_INITS:
             raise ValueError(f"init_diagonal must be one of {DIAGONAL_INITS}, got "
                              f"{self.init_diagonal!r}")  # fmt: skip
@@ -538,12 +568,16 @@ def _meta(context: ConversionContext) -> bool:
     return any(linear.weight.is_meta for linear in context.linears.values())
 
 
-def _svd_plan(layer_cls, extra: Callable[[KindConfig], dict]):
-    """The plan of a kind whose init is the weights' top-``r`` SVD: all triplets first, one
-    batched call per shape, then each layer from its own."""
+def _svd_plan(layer_cls, extra: Callable[[KindConfig], dict],
+              check_layer: Callable[[KindConfig, nn.Linear], None] | None = None):  # fmt: skip
+    """The plan of a kind whose init is the weights' top-``r`` SVD: every layer checked
+    (``check_layer``) and all triplets computed first, one batched call per shape, then each
+    layer from its own."""
 
     def plan(context: ConversionContext, config: _SVDKindConfig):
         _check_ranks(context, config.rank)
+        for linear in context.linears.values() if check_layer else ():
+            check_layer(config, linear)
         triplets = {}
         if not _meta(context):
             triplets = top_singular_triplets(_weights(context), config.rank, svd=config.svd,
@@ -566,11 +600,20 @@ def _lora_sb_plan(context: ConversionContext, config: LoRASBConfig):
     if context.batches is None:
         raise ValueError("lora_sb needs calibration batches (calibration=) to estimate the "
                          "first update")  # fmt: skip
-    updates = first_update(context.model, context.batches, context.linears, lr=config.lr,
+    # the update at lr = 1 (entries +-1 for "sign"), its singular values then scaled by lr:
+    # the same triplets as those of the update itself, with no overflow in the SVD's products
+    updates = first_update(context.model, context.batches, context.linears, lr=1.0,
                            update=config.update, loss=config.loss,
                            progress=context.progress)  # fmt: skip
     triplets = top_singular_triplets(updates, config.rank, svd=config.svd, n_iter=config.n_iter,
                                      seed=config.seed)  # fmt: skip
+    for name, (u, s, vh) in triplets.items():
+        s = s * config.lr
+        dtype = config.dtype or context.linears[name].weight.dtype
+        if not bool(torch.isfinite(s.to(dtype)).all()):
+            raise ValueError(f"lr = {config.lr:g} makes the first update of {name} overflow "
+                             f"{dtype}")  # fmt: skip
+        triplets[name] = (u, s, vh)
     context.report.allocation = (f"first update -lr {config.update}(grad) over "
                                  f"{len(context.batches)} batches, "
                                  f"top-{config.rank} SVD")  # fmt: skip
@@ -611,9 +654,16 @@ def _svd_options(config):
     return {"svd": config.svd, "n_iter": config.n_iter}
 
 
+def _lora_xs_options(config: LoRAXSConfig) -> dict:
+    return {"alpha": config.alpha, "sigma": config.sigma, **_svd_options(config)}
+
+
+def _lora_xs_check(config: LoRAXSConfig, linear: nn.Linear) -> None:
+    _check_sigma(config.sigma, config.dtype or linear.weight.dtype)
+
+
 register_svd_kind("lora_xs", config=LoRAXSConfig, layer=LoRAXSAdapter,
-                  plan=_svd_plan(LoRAXSAdapter, lambda c: {"alpha": c.alpha, "sigma": c.sigma,
-                                                           **_svd_options(c)}))  # fmt: skip
+                  plan=_svd_plan(LoRAXSAdapter, _lora_xs_options, _lora_xs_check))  # fmt: skip
 # LoRA-SB reads the calibration batches itself (gradients), not the input statistics.
 register_svd_kind("lora_sb", config=LoRASBConfig, layer=LoRASBAdapter, plan=_lora_sb_plan)
 register_svd_kind("sorsa", config=SORSAConfig, layer=SORSAAdapter,
