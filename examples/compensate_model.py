@@ -11,7 +11,7 @@ the script reports the mean cosine similarity of held-out sentence embeddings to
 original model's, the adapters' parameters and the time compensation took (calibration
 included; wall clock, and the process's CPU time, which a busy machine inflates less).
 
-    python examples/compensate_model.py            # both compressors (about a minute)
+    python examples/compensate_model.py            # both compressors (a few minutes)
     python examples/compensate_model.py --quick    # 4-bit, rank 32, few sentences (CI)
 
 Writes ``<out>/minilm-compensation.json`` and ``.png`` (default ``--out bench/out``).
@@ -218,7 +218,7 @@ def plot(rows: list[dict], path: str) -> None:
     low = min(r["cosine"] for r in rows)
     ax.set_ylim(max(0.0, low - 0.02), 1.0)
     ax.set_ylabel("mean cosine to the original embeddings")
-    ax.set_title("all-MiniLM-L6-v2: compressed, then compensated by lowrank.nn.compensate")
+    ax.set_title("all-MiniLM-L6-v2 compressed, then compensated")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
