@@ -270,3 +270,18 @@ def test_peft_export_loads_in_peft_with_the_same_outputs(tmp_path):
     x = batch(0, torch.float32)[0]
     assert relative_error(theirs(x), model(x)) <= 1e-6
     assert theirs.base_model.model.a.lora_E["default"].shape[0] == allocator.ranks()["a"]
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "gaussian"])
+def test_inits_start_as_the_identity_change(init):
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24).double()
+    layer = AdaLoRAAdapter(copy.deepcopy(base), 6, init=init)
+    x = torch.randn(5, 40, dtype=torch.float64)
+    assert torch.equal(layer(x), base(x)) and torch.count_nonzero(layer.C) == 0
+    if init == "orthogonal":  # where the orthogonality regulariser is zero
+        assert float(layer.orthogonality_penalty()) <= 1e-24
+    else:  # the paper's and PEFT's N(0, 0.02^2)
+        assert abs(float(layer.A.std()) - 0.02) < 0.003 and abs(float(layer.B.std()) - 0.02) < 0.003
+    with pytest.raises(ValueError, match="init"):
+        AdaLoRAAdapter(copy.deepcopy(base), 6, init="pissa")

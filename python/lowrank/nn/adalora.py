@@ -4,8 +4,9 @@ Zhang et al. 2023 ("Adaptive Budget Allocation for Parameter-Efficient Fine-Tuni
 adapted layer ``k`` is ``W + s P_k Lambda_k Q_k`` on lowrank's
 :class:`~lowrank.nn.svd_adapter.SVDAdapter` core (``B = P``: ``out x r``, a diagonal
 ``C = Lambda``: ``r`` values, ``A = Q``: ``r x in``; all three trainable; ``s = alpha /
-rank``). It starts as the identity change (``Lambda = 0``, ``P`` and ``Q`` drawn from
-``N(0, 0.02^2)``, as the paper and PEFT). During training:
+rank``). It starts as the identity change (``Lambda = 0``) with ``P`` and ``Q``
+orthonormal (random, ``init="orthogonal"``, the default) or drawn from ``N(0, 0.02^2)``
+(``init="gaussian"``, the paper's and PEFT's). During training:
 
 - **Importance** of every entry ``w`` of ``P``, ``Lambda``, ``Q``: the sensitivity
   ``I = |w dL/dw|``, smoothed ``Ibar = beta1 Ibar + (1 - beta1) I`` and its uncertainty
@@ -69,6 +70,11 @@ __all__ = ["AdaLoRAAdapter", "AdaLoRAAllocator", "AdaLoRAConfig", "attach", "bud
            "peft_state", "save_peft"]  # fmt: skip
 
 INIT_STD = 0.02  # the paper's and PEFT's N(0, 0.02^2) for P and Q
+INITS = ("orthogonal", "gaussian")
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 class AdaLoRAAdapter(SVDAdapter):
@@ -80,6 +86,11 @@ class AdaLoRAAdapter(SVDAdapter):
         rank: the initial rank ``r``.
         alpha: the scale is ``alpha / rank`` (default ``alpha = rank``: scale 1).
         dropout: dropout on the adapter's input.
+        init: ``"orthogonal"`` (default: ``P`` with orthonormal columns and ``Q`` with
+            orthonormal rows, from the QR factorisation of Gaussian draws, where the
+            orthogonality regulariser is zero) or ``"gaussian"`` (the paper's and PEFT's
+            ``N(0, 0.02^2)`` entries, which start the change very small: with few steps the
+            adapter barely moves). ``Lambda = 0`` either way.
         seed: for ``P`` and ``Q``'s initial draw.
         dtype: the adapter's dtype (default the base's).
     """
@@ -91,21 +102,32 @@ class AdaLoRAAdapter(SVDAdapter):
         alpha: float | None = None,
         dropout: float = 0.0,
         *,
+        init: str = "orthogonal",
         seed: int | None = 0,
         dtype: torch.dtype | None = None,
     ) -> None:
         rank = check.positive_int("rank", rank)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         alpha = float(rank if alpha is None else check.real("alpha", alpha))
         super().__init__(base, rank, diagonal=True, trainable=("B", "C", "A"),
                          scale=alpha / rank, dropout=dropout, dtype=dtype)  # fmt: skip
         self._add_mask()
+        self.init = init
         if not self.A.is_meta:
             generator = None
             if seed is not None:
                 generator = torch.Generator(device=self.A.device).manual_seed(seed)
             with torch.no_grad():
-                self.A.normal_(0.0, INIT_STD, generator=generator)
-                self.B.normal_(0.0, INIT_STD, generator=generator)
+                if init == "gaussian":
+                    self.A.normal_(0.0, INIT_STD, generator=generator)
+                    self.B.normal_(0.0, INIT_STD, generator=generator)
+                else:  # orthonormal rows of Q and columns of P: the regulariser's fixed point
+                    for p, rows in ((self.A, self.in_features), (self.B, self.out_features)):
+                        draw = torch.randn(rows, rank, generator=generator, device=p.device,
+                                           dtype=_work_dtype(p))  # fmt: skip
+                        q = torch.linalg.qr(draw).Q
+                        p.copy_(q.T if p is self.A else q)
 
     def _add_mask(self) -> None:
         self.register_buffer("mask", torch.ones(self.rank, dtype=torch.bool,
@@ -115,6 +137,7 @@ class AdaLoRAAdapter(SVDAdapter):
     def empty(cls, base: nn.Linear, structure: Mapping[str, Any]) -> AdaLoRAAdapter:
         """An adapter of this structure with zero values, for loading."""
         self = super().empty(base, structure)
+        self.init = "orthogonal"  # the values come from the saved state
         self._add_mask()
         return self
 
@@ -167,11 +190,14 @@ class AdaLoRAConfig(KindConfig):
     orth_reg_weight: float = 0.1
     alpha: float | None = None
     dropout: float = 0.0
+    init: str = "orthogonal"
     seed: int | None = 0
     dtype: torch.dtype | None = None
 
     def __post_init__(self):
         self.rank = check.positive_int("rank", self.rank)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         self.target_rank = check.integer("target_rank", self.target_rank, 0)
         if self.target_rank > self.rank:
             raise ValueError(f"target_rank ({self.target_rank}) must be at most the initial "
@@ -212,7 +238,7 @@ def _plan(context: ConversionContext, config: AdaLoRAConfig):
         r = min(config.rank, *linear.weight.shape)
         # the scale alpha / rank is the same for every layer, a smaller layer included
         layer = AdaLoRAAdapter(linear, r, alpha * r / config.rank, config.dropout,
-                               seed=config.seed, dtype=config.dtype)  # fmt: skip
+                               init=config.init, seed=config.seed, dtype=config.dtype)  # fmt: skip
         return layer, f"initial rank {r}"
 
     return make
