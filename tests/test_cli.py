@@ -4,6 +4,7 @@ without starting Python and torch for every case)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -293,3 +294,14 @@ def test_every_command_has_help(capsys):
     for command in ("info", "compress", "rsvd", "bench"):
         code, out, _ = call(capsys, command, "--help")
         assert code == 0 and out.startswith(f"usage: lowrank {command}"), out
+
+
+def test_compress_allocation_choices_are_convert_s():
+    """Every allocation `convert` accepts is offered by `lowrank compress --allocation`."""
+    from lowrank.nn.allocation import ALLOCATIONS
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    compress = commands.choices["compress"]
+    action = next(a for a in compress._actions if a.dest == "allocation")
+    assert tuple(action.choices) == ALLOCATIONS

@@ -556,9 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--allocation",
-        choices=("global", "uniform"),
+        choices=("global", "uniform", "welore"),
         default="global",
-        help="how --params is shared among layers (default: global)",
+        help="how --params is shared among layers (default: global; welore: WeLore's "
+        "data-free rule, which also keeps some layers dense)",
     )
     p.add_argument(
         "--calibration", type=Path, metavar="FILE.txt", help="calibration sentences, one per line"
