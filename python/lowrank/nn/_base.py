@@ -7,6 +7,34 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank import _validate as check
+
+
+def check_dropout(value: Any) -> float:
+    """An adapter's input dropout probability, a real number in ``[0, 1)``."""
+    value = check.real("dropout", value, 0.0, 1.0)
+    if value >= 1.0:
+        raise ValueError("dropout must be in [0, 1)")
+    return value
+
+
+def config_dtype(value: Any) -> torch.dtype | None:
+    """An adapter config's ``dtype``: ``None``, a floating ``torch.dtype``, or its name as
+    written in a config file (``"float32"``)."""
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {value!r}")
+    return value
+
+
+def check_base(base: Any) -> tuple[int, int]:
+    """The layer an adapter wraps, an ``nn.Linear``: its ``(out_features, in_features)``."""
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+    out_features, in_features = base.weight.shape
+    return out_features, in_features
+
 
 class OptionalExtraState(nn.Module):
     """A module whose ``_extra_state`` (small Python state kept in the state dict) may be
@@ -58,6 +86,24 @@ class AdapterLinear(OptionalExtraState):
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
+
+    def _attach_base(self, base: nn.Linear, dropout: float) -> None:
+        """Checks and freezes ``base`` (checked by :func:`check_base`) and keeps it, unmerged,
+        with the input dropout (already checked by :func:`check_dropout`). A base on the
+        meta device (a structure to load values into later) has no values to check."""
+        if base.weight.is_meta:
+            check.floating("base.weight", base.weight)
+        else:
+            check.weight("base.weight", base.weight)
+        base.requires_grad_(False)
+        self.base = base
+        self.merged = False
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def _factory_kwargs(self, dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """``device`` and ``dtype`` for the adapter's tensors: the base's device, and
+        ``dtype`` or else the base's."""
+        return {"device": self.base.weight.device, "dtype": dtype or self.base.weight.dtype}
 
     @property
     def in_features(self) -> int:

@@ -63,6 +63,7 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.nn import peft_export
+from lowrank.nn._base import check_dropout, config_dtype
 from lowrank.nn.registry import ConversionContext, KindConfig, kind_of
 from lowrank.nn.svd_adapter import SVDAdapter, register_svd_kind
 
@@ -221,14 +222,8 @@ class AdaLoRAConfig(KindConfig):
         self.orth_reg_weight = check.real("orth_reg_weight", self.orth_reg_weight, 0.0)
         if self.alpha is not None:
             self.alpha = check.real("alpha", self.alpha)
-        self.dropout = check.real("dropout", self.dropout, 0.0, 1.0)
-        if self.dropout >= 1.0:
-            raise ValueError("dropout must be in [0, 1)")
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype, None)
-        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype)
-                                           and self.dtype.is_floating_point):  # fmt: skip
-            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        self.dropout = check_dropout(self.dropout)
+        self.dtype = config_dtype(self.dtype)
 
 
 def _plan(context: ConversionContext, config: AdaLoRAConfig):

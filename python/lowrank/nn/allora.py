@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank import _validate as check
+from lowrank.nn._base import config_dtype
 from lowrank.nn.lora import LoRAAdapter
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
@@ -149,11 +150,7 @@ class ALLoRAConfig(KindConfig):
         if self.svd not in ("randomized", "exact"):
             raise ValueError(f"svd must be 'randomized' or 'exact', got {self.svd!r}")
         self.n_iter = check.iterations("n_iter", self.n_iter)
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype, None)
-        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype)
-                                           and self.dtype.is_floating_point):  # fmt: skip
-            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        self.dtype = config_dtype(self.dtype)
 
 
 def _plan(context: ConversionContext, config: ALLoRAConfig):

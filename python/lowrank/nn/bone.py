@@ -42,7 +42,7 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.nn import peft_export
-from lowrank.nn._base import AdapterLinear
+from lowrank.nn._base import AdapterLinear, check_dropout
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
 VARIANTS = ("balance", "bat", "mini")
@@ -218,9 +218,7 @@ def _check_options(rank, variant, mini_rank, dropout, init) -> tuple[int, int]:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    dropout = check.real("dropout", dropout, 0.0, 1.0)
-    if dropout >= 1.0:
-        raise ValueError("dropout must be in [0, 1)")
+    dropout = check_dropout(dropout)
     if dropout > 0 and variant == "bat":
         raise ValueError("dropout must be 0 for variant='bat' (it has no separate adapter path)")
     return rank, mini_rank

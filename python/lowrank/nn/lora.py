@@ -48,7 +48,7 @@ from torch import nn
 from lowrank import _validate as check
 from lowrank.linalg.rsvd import rsvd
 from lowrank.nn import peft_export
-from lowrank.nn._base import AdapterLinear
+from lowrank.nn._base import AdapterLinear, check_dropout, config_dtype
 from lowrank.nn.calibration import InputStats
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
@@ -108,9 +108,7 @@ class LoRAAdapter(AdapterLinear):
             raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
         if corda_method not in ("ipm", "kpm"):
             raise ValueError(f"corda_method must be 'ipm' or 'kpm', got {corda_method!r}")
-        dropout = check.real("dropout", dropout, 0.0, 1.0)
-        if dropout >= 1.0:
-            raise ValueError("dropout must be in [0, 1)")
+        dropout = check_dropout(dropout)
         if init in DATA_DRIVEN and stats is None:
             raise ValueError(f"init={init!r} needs the layer's input statistics (stats=), e.g. "
                              "through lowrank.nn.convert(..., calibration=batches)")  # fmt: skip
@@ -432,11 +430,7 @@ class LoRAConfig(KindConfig):
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         self.rho = check.real("rho", self.rho)
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype, None)
-        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype)
-                                           and self.dtype.is_floating_point):  # fmt: skip
-            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        self.dtype = config_dtype(self.dtype)
 
 
 def _plan(context: ConversionContext, config: LoRAConfig):

@@ -48,7 +48,7 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.nn import peft_export
-from lowrank.nn._base import AdapterLinear
+from lowrank.nn._base import AdapterLinear, check_dropout, config_dtype
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
 BASES = ("dense", "sparse", "very_sparse")
@@ -307,9 +307,7 @@ def _check_options(rank, alpha, dropout, seed, basis) -> tuple[int, float, float
     """The options that do not depend on a layer's shape, normalised."""
     rank = check.positive_int("rank", rank)
     alpha = float(20 * rank if alpha is None else check.real("alpha", alpha))
-    dropout = check.real("dropout", dropout, 0.0, 1.0)
-    if dropout >= 1.0:
-        raise ValueError("dropout must be in [0, 1)")
+    dropout = check_dropout(dropout)
     seed = check.integer("seed", seed, 0)
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
@@ -434,11 +432,7 @@ class RandLoRAConfig(KindConfig):
         self.rank, _, self.dropout, self.seed = check_options
         if self.alpha is not None:
             self.alpha = float(self.alpha)
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype, None)
-        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype)
-                                           and self.dtype.is_floating_point):  # fmt: skip
-            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        self.dtype = config_dtype(self.dtype)
 
 
 def _plan(context: ConversionContext, config: RandLoRAConfig):

@@ -46,7 +46,7 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.linalg.rsvd import rsvd
-from lowrank.nn._base import AdapterLinear
+from lowrank.nn._base import AdapterLinear, check_dropout
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
 FACTORS = ("B", "C", "A")
@@ -107,9 +107,7 @@ class SVDAdapter(AdapterLinear):
                              f"{min(in_features, out_features)}, got {rank}")  # fmt: skip
         trainable = _trainable_set(trainable)
         scale = check.real("scale", scale)
-        dropout = check.real("dropout", dropout, 0.0, 1.0)
-        if dropout >= 1.0:
-            raise ValueError("dropout must be in [0, 1)")
+        dropout = check_dropout(dropout)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if base.weight.is_meta:  # a structure to load values into later: no values to check

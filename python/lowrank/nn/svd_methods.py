@@ -68,6 +68,7 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.nn import calibration as calib
+from lowrank.nn._base import check_dropout, config_dtype
 from lowrank.nn.registry import ConversionContext, KindConfig
 from lowrank.nn.svd_adapter import SVDS, SVDAdapter, register_svd_kind, top_singular_triplets
 
@@ -464,14 +465,8 @@ class _SVDKindConfig(KindConfig):
 
     def __post_init__(self):
         self.rank = check.positive_int("rank", self.rank)
-        self.dropout = check.real("dropout", self.dropout, 0.0, 1.0)
-        if self.dropout >= 1.0:
-            raise ValueError("dropout must be in [0, 1)")
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype, None)
-        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype)
-                                           and self.dtype.is_floating_point):  # fmt: skip
-            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        self.dropout = check_dropout(self.dropout)
+        self.dtype = config_dtype(self.dtype)
         if self.seed is not None:
             self.seed = check.integer("seed", self.seed, 0)
         self.n_iter = _check_svd(self.svd, self.n_iter)
