@@ -42,7 +42,7 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.nn import peft_export
-from lowrank.nn._base import AdapterLinear, check_dropout
+from lowrank.nn._base import AdapterLinear, check_base, check_dropout
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
 VARIANTS = ("balance", "bat", "mini")
@@ -77,26 +77,17 @@ class BoneAdapter(AdapterLinear):
         seed: int | None = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        out_features, in_features = base.weight.shape
+        out_features, in_features = check_base(base)
         rank, mini_rank = _check_options(rank, variant, mini_rank, dropout, init)
         _check_shape(rank, variant, mini_rank, out_features, in_features)
-        if base.weight.is_meta:
-            check.floating("base.weight", base.weight)
-        else:
-            check.weight("base.weight", base.weight)
-        base.requires_grad_(False)
-        self.base = base
+        self._attach_base(base, dropout)
         self.rank = rank
         self.variant = variant
         self.mini_rank = mini_rank if variant == "mini" else None
         self.init = init
-        self.merged = False
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         shape = {"balance": (rank, out_features), "mini": (rank, mini_rank),
                  "bat": (out_features // rank, rank, rank)}[variant]  # fmt: skip
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        kw = self._factory_kwargs()
         self.block = nn.Parameter(torch.zeros(shape, **kw))
         if init == "kaiming" and not self.block.is_meta:
             generator = None

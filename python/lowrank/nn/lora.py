@@ -48,7 +48,7 @@ from torch import nn
 from lowrank import _validate as check
 from lowrank.linalg.rsvd import rsvd
 from lowrank.nn import peft_export
-from lowrank.nn._base import AdapterLinear, check_dropout, config_dtype
+from lowrank.nn._base import AdapterLinear, check_base, check_dropout, config_dtype
 from lowrank.nn.calibration import InputStats
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
@@ -95,10 +95,8 @@ class LoRAAdapter(AdapterLinear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        out_features, in_features = check_base(base)
         rank = check.positive_int("rank", rank)
-        out_features, in_features = base.weight.shape
         if rank > min(in_features, out_features):
             raise ValueError(f"rank must be at most min(in, out) = "
                              f"{min(in_features, out_features)}, got {rank}")  # fmt: skip
@@ -112,19 +110,12 @@ class LoRAAdapter(AdapterLinear):
         if init in DATA_DRIVEN and stats is None:
             raise ValueError(f"init={init!r} needs the layer's input statistics (stats=), e.g. "
                              "through lowrank.nn.convert(..., calibration=batches)")  # fmt: skip
-        if base.weight.is_meta:  # a structure to load values into later: no values to check
-            check.floating("base.weight", base.weight)
-        else:
-            check.weight("base.weight", base.weight)
-        base.requires_grad_(False)
-        self.base = base
+        self._attach_base(base, dropout)
         self.rank = rank
         self.alpha = float(rank if alpha is None else check.real("alpha", alpha))
         self.scale = self.alpha / rank
         self.init = init
-        self.merged = False
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        kw = self._factory_kwargs(dtype)
         self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.register_buffer("A0", None)

@@ -48,7 +48,7 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.nn import peft_export
-from lowrank.nn._base import AdapterLinear, check_dropout, config_dtype
+from lowrank.nn._base import AdapterLinear, check_base, check_dropout, config_dtype
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
 BASES = ("dense", "sparse", "very_sparse")
@@ -195,28 +195,19 @@ class RandLoRAAdapter(AdapterLinear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        out_features, in_features = base.weight.shape
+        out_features, in_features = check_base(base)
         rank, alpha, dropout, seed = _check_options(rank, alpha, dropout, seed, basis)
         basis_shape = _check_shape(rank, basis_shape, out_features, in_features)
-        if base.weight.is_meta:
-            check.floating("base.weight", base.weight)
-        else:
-            check.weight("base.weight", base.weight)
-        base.requires_grad_(False)
-        self.base = base
+        self._attach_base(base, dropout)
         self.rank = rank
         self.alpha = alpha
         self.scale = alpha / rank
         self.seed = seed
         self.basis = basis
         self.basis_shape = basis_shape
-        self.merged = False
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.min_dim, self.max_dim = min(in_features, out_features), max(in_features, out_features)
         self.n_bases = basis_count(self.min_dim, rank)
-        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        kw = self._factory_kwargs(dtype)
         self.lam = nn.Parameter(torch.zeros(rank, self.n_bases, **kw))
         self.gamma = nn.Parameter(
             torch.full((self.n_bases, self.min_dim), 1 / max(self.n_bases, self.min_dim), **kw)

@@ -46,7 +46,7 @@ from torch import nn
 
 from lowrank import _validate as check
 from lowrank.linalg.rsvd import rsvd
-from lowrank.nn._base import AdapterLinear, check_dropout
+from lowrank.nn._base import AdapterLinear, check_base, check_dropout
 from lowrank.nn.registry import ConversionContext, KindConfig, register_kind
 
 FACTORS = ("B", "C", "A")
@@ -98,10 +98,8 @@ class SVDAdapter(AdapterLinear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        out_features, in_features = check_base(base)
         rank = check.positive_int("rank", rank)
-        out_features, in_features = base.weight.shape
         if rank > min(in_features, out_features):
             raise ValueError(f"rank must be at most min(in, out) = "
                              f"{min(in_features, out_features)}, got {rank}")  # fmt: skip
@@ -110,17 +108,10 @@ class SVDAdapter(AdapterLinear):
         dropout = check_dropout(dropout)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        if base.weight.is_meta:  # a structure to load values into later: no values to check
-            check.floating("base.weight", base.weight)
-        else:
-            check.weight("base.weight", base.weight)
-        base.requires_grad_(False)
-        self.base = base
+        self._attach_base(base, dropout)
         self.rank = rank
         self.diagonal = bool(diagonal)
-        self.merged = False
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        kw = self._factory_kwargs(dtype)
         shapes = {"B": (out_features, rank), "C": (rank,) if diagonal else (rank, rank),
                   "A": (rank, in_features)}  # fmt: skip
         self.trainable = ()
