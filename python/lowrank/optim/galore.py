@@ -162,18 +162,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
     ) -> None:
         if projector not in PROJECTORS:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {projector!r}")
-        svd_options = (svd, n_iter, warm_iter, oversample) != ("randomized", 2, 0, 10)
         if projection is None and projector == "svd":
             projection = SVDProjection(svd, n_iter=n_iter, warm_iter=warm_iter,
                                        oversample=oversample)  # fmt: skip
-        elif svd_options:
-            raise ValueError("svd, n_iter, warm_iter and oversample describe the SVD "
-                             "projection; leave them at their defaults")  # fmt: skip
-        elif projection is None:
-            projection = DCTProjection() if projector == "dct" else RandomProjection()
-        elif projector != "svd":
-            raise ValueError(f"projector={projector!r} and projection= both choose the "
-                             "projection; give one")  # fmt: skip
+        else:
+            check_svd_options_unused(svd, n_iter, warm_iter, oversample)
+            if projection is None:
+                projection = DCTProjection() if projector == "dct" else RandomProjection()
+            elif projector != "svd":
+                raise ValueError(f"projector={projector!r} and projection= both choose the "
+                                 "projection; give one")  # fmt: skip
         if projector_bits is not None:
             check_projector_bits(projector_bits)
             if projector != "svd":
@@ -350,6 +348,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """All optimizer state, in bytes."""
         return sum(row["state_bytes"] for row in self.memory_report())
+
+
+def check_svd_options_unused(svd: str, n_iter: int, warm_iter: int, oversample: int) -> None:
+    """Raises unless the options of the SVD projection GaLore builds by default are at their
+    defaults: for when a projection is given (or chosen) instead."""
+    if (svd, n_iter, warm_iter, oversample) != ("randomized", 2, 0, 10):
+        raise ValueError("svd, n_iter, warm_iter and oversample describe the SVD "
+                         "projection; leave them at their defaults")  # fmt: skip
 
 
 def _check_hyperparameters(group: dict) -> None:

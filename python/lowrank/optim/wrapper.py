@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from lowrank.optim.galore import check_svd_options_unused
 from lowrank.optim.projector import (
     GROUP_DEFAULTS,
     GaLoreProjector,
@@ -123,9 +124,8 @@ class GaLore(torch.optim.Optimizer):
             if projection is None:
                 projection = SVDProjection(svd, n_iter=n_iter, warm_iter=warm_iter,
                                            oversample=oversample)  # fmt: skip
-            elif (svd, n_iter, warm_iter, oversample) != ("randomized", 2, 0, 10):
-                raise ValueError("svd, n_iter, warm_iter and oversample describe the SVD "
-                                 "projection; leave them at their defaults")  # fmt: skip
+            else:
+                check_svd_options_unused(svd, n_iter, warm_iter, oversample)
             projector = GaLoreProjector(projection, seed=seed)
         self.projector = projector
         self.optimizer_class = optimizer
