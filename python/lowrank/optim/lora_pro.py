@@ -230,15 +230,8 @@ class LoRAPro(torch.optim.Optimizer):
             equiv = equivalent_gradient(a.to(dt), b.to(dt),
                                         *lora_pro_gradients(a, b, grad_a.to(dt), grad_b.to(dt),
                                                             scale, "zero"), scale)  # fmt: skip
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float64)
-                state["exp_avg"] = torch.zeros_like(equiv)
-                state["exp_avg_sq"] = torch.zeros_like(equiv)
-            state["step"] += 1
-            t = float(state["step"])
+            t = _update_moments(state, equiv, group["betas"])
             beta1, beta2 = group["betas"]
-            state["exp_avg"].lerp_(equiv, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(equiv, equiv, value=1 - beta2)
             denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
             direction = (state["exp_avg"] / (1 - beta1**t)) / denom
             bd, ad = b.to(dt), a.to(dt)
@@ -263,17 +256,27 @@ class LoRAPro(torch.optim.Optimizer):
             p.sub_(p.grad, alpha=lr)
         else:
             state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float64)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t = float(state["step"])
+            t = _update_moments(state, p.grad, group["betas"], like=p)
             beta1, beta2 = group["betas"]
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             step_size = lr / (1 - beta1**t)
             denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
             p.addcdiv_(state["exp_avg"], denom, value=-step_size)
         if wd:
             p.mul_(1 - lr * wd)
+
+
+def _update_moments(state: dict, grad: torch.Tensor, betas: tuple[float, float],
+                    like: torch.Tensor | None = None) -> float:  # fmt: skip
+    """Adam's step count and first and second moments of ``grad`` in ``state`` (created as
+    zeros shaped as ``like``, default ``grad``, on the first step), updated in place; returns
+    the step count ``t`` for the bias corrections."""
+    if not state:
+        like = grad if like is None else like
+        state["step"] = torch.zeros((), dtype=torch.float64)
+        state["exp_avg"] = torch.zeros_like(like)
+        state["exp_avg_sq"] = torch.zeros_like(like)
+    state["step"] += 1
+    beta1, beta2 = betas
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return float(state["step"])
