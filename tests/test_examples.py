@@ -44,3 +44,19 @@ def test_train_small_lm_quick(tmp_path):
     assert rows["GaLore r=64"]["optimizer_state_bytes"] < 0.6 * dense["optimizer_state_bytes"]
     assert rows["LoRA r=32 (dense base frozen)"]["trainable_params"] < dense["trainable_params"]
     assert rows["GaLore r=64"]["galore_refresh_ms"]
+    # the GaLore family's rows: 7 x 4 projected weights, one refresh each so far
+    galore, fira = rows["GaLore r=64"], rows["Fira r=64"]
+    frugal = rows["FRUGAL r=64 (signSGD residual)"]
+    qgalore = rows["Q-GaLore r=64 (4-bit, lazy refresh)"]
+    dct, adafactor = rows["GaLore r=64, DCT projector"], rows["GaLore r=64 + Adafactor"]
+    for row in (galore, fira, frugal, qgalore, dct, adafactor):
+        assert row["refreshed_matrices"] == 28, row
+    # Fira keeps one number more per weight; FRUGAL's residual step is state-free
+    assert galore["optimizer_state_bytes"] < fira["optimizer_state_bytes"]
+    assert fira["optimizer_state_bytes"] <= 1.01 * galore["optimizer_state_bytes"]
+    assert frugal["optimizer_state_bytes"] == galore["optimizer_state_bytes"]
+    # float32 projectors of 64 x 256 (q, k, v, o: 256 x 256; gate, up: 688 x 256 -> right
+    # side) and 256 x 64 (down: 256 x 688 -> left side); 4-bit ones; DCT columns as indices
+    assert galore["projector_bytes"] == adafactor["projector_bytes"] == 4 * 4 * 64 * 256 * 7
+    assert qgalore["projector_bytes"] <= galore["projector_bytes"] / 7
+    assert dct["projector_bytes"] == 28 * 64 * 4

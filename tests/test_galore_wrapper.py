@@ -326,24 +326,3 @@ def test_bad_gradients_are_refused_before_any_state():
     assert not optimizer.inner.state and not optimizer.refresh_log
     with pytest.raises(ValueError, match=r"GaLore\.state_dict"):
         optimizer.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
-
-
-# ---- the small-LM comparison's row ---------------------------------------------------------------
-
-
-def test_small_lm_adafactor_row_quick(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "examples" / "train_small_lm.py"
-    spec = importlib.util.spec_from_file_location("train_small_lm", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    result = example.main(["--quick", "--steps", "2", "--methods", "GaLore r=64 + Adafactor",
-                           "--out", str(tmp_path)])  # fmt: skip
-    (row,) = result["rows"]
-    assert row["method"] == "GaLore r=64 + Adafactor" and row["val_loss"] < 5.5
-    # 7 x 4 projected weights: float32 projectors of 64 x 256 (q, k, v, o: 256 x 256;
-    # gate, up: 688 x 256 -> right side) and 256 x 64 (down: 256 x 688 -> left side)
-    assert row["projector_bytes"] == 4 * 4 * 64 * 256 * 7
-    assert row["refreshed_matrices"] == 28

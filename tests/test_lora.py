@@ -264,7 +264,7 @@ def test_convert_lora_errors():
         model = convert(toy(), "lora", rank=2, progress=False).model
         model.a.merge()
         peft_state(model)
-    with pytest.raises(ValueError, match="no LoRAAdapter"):
+    with pytest.raises(ValueError, match="no adapter with plain LoRA factors"):
         peft_state(toy())
 
 
