@@ -215,6 +215,7 @@ class Config:
     calibration_batches: int
     max_bytes: int | None
     sweep: dict[str, list[float]]
+    seed: int = 0  # fine-tuning's: the adapters' random init and the order of the batches
 
     def model_args(self) -> dict[str, int]:
         return {"width": self.width, "layers": self.layers, "heads": self.heads,
@@ -546,7 +547,7 @@ def finetune(method: Method, rates: dict[str, float], base: dict, data: dict, ev
     """Fine-tunes a copy of the base model with ``method`` at its family's rate in
     ``rates``; the row."""
     lr = rates[method.family]
-    torch.manual_seed(0)
+    torch.manual_seed(config.seed)
     model = TinyLM(**config.model_args())
     model.load_state_dict(base)
     setup = Setup(config=config, steps=config.steps, calibration=evals["calibration"],
@@ -568,7 +569,8 @@ def finetune(method: Method, rates: dict[str, float], base: dict, data: dict, ev
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    g = torch.Generator().manual_seed(1)  # the same training batches for every method
+    # the same training batches for every method
+    g = torch.Generator().manual_seed(1 + config.seed)
     curve, times = [], []
     warmup = max(1, config.steps // 10)
     for step in range(config.steps):
@@ -656,9 +658,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", nargs="*", default=None, help="a subset, by name prefix")
     parser.add_argument("--steps", type=int, default=None,
                         help="fine-tuning steps (default 200; --quick 3)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0,
+                        help="fine-tuning's seed (adapter init, batch order); the "
+                        "pretrained base is the same for every seed")  # fmt: skip
     parser.add_argument("--out", default=os.path.join("bench", "out"))
     args = parser.parse_args(argv)
     config = quick_config() if args.quick else full_config()
+    config.seed = args.seed
     if args.steps is not None:
         config.steps = check.positive_int("--steps", args.steps)
         config.eval_every = max(1, config.steps // 5)
