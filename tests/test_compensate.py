@@ -120,6 +120,47 @@ def test_eora_reaches_the_optimum(out, inp, tokens):
     assert bool(((unseen @ (e - d).T).norm(dim=1) <= (unseen @ e.T).norm(dim=1) + 1e-12).all())
 
 
+@pytest.mark.parametrize("method", ["eora", "lorc"])
+def test_negative_alpha_gives_the_same_correction(method):
+    """``scale = alpha / rank`` below zero: the factors carry the sign, the correction is
+    the same (finite) one."""
+    original = mlp()
+    delta = {}
+    for alpha in (8.0, -8.0):
+        compressed = compress(original, "rtn")
+        compensate(original, compressed, 4, calibration=batches(), method=method, alpha=alpha)
+        delta[alpha] = deltas(compressed)
+    for name, d in delta[8.0].items():
+        assert bool(torch.isfinite(delta[-8.0][name]).all())
+        torch.testing.assert_close(delta[-8.0][name], d, rtol=1e-5, atol=1e-7)
+
+
+def test_randomized_bases_of_large_layers_reach_the_optimum(monkeypatch):
+    """Layers above the exact-SVD size take their basis from the randomized SVD; with the
+    threshold lowered, a small layer goes that way and still reaches the optimum."""
+    import importlib
+
+    import lowrank.linalg.whitening as whitening
+
+    # the module, not the function of the same name that lowrank.nn exports
+    compensate_module = importlib.import_module("lowrank.nn.compensate")
+    monkeypatch.setattr(compensate_module, "EXACT_SVD_MAX", 8)
+    monkeypatch.setattr(whitening, "EXACT_SVD_MAX", 8)
+    torch.manual_seed(0)
+    rank = 3
+    for out, inp in ((40, 30), (30, 40)):
+        original = nn.Sequential(nn.Linear(inp, out, dtype=torch.float64))
+        compressed = copy.deepcopy(original)
+        with torch.no_grad():
+            compressed[0].weight.add_(0.1 * torch.randn(out, inp, dtype=torch.float64))
+        x = activations(80, inp, seed=2, dtype=torch.float64)
+        e = (original[0].weight - compressed[0].weight).detach()
+        compensate(original, compressed, rank, calibration=[x])
+        d = compressed[0].delta_weight().detach()
+        optimum = float(torch.linalg.svdvals(e @ x.T)[rank:].square().sum().sqrt())
+        assert float(((e - d) @ x.T).norm()) <= optimum * (1 + 1e-6)
+
+
 def test_lorc_is_the_truncated_svd_of_the_error():
     original = mlp()
     compressed = compress(original, "rtn")

@@ -43,7 +43,8 @@ def reference_quantize(p, bits, group):
 
 
 class Reference:
-    """GaLore's AdamW (the projector of the gradient at step % gap == 0, moments kept, the
+    """GaLore's AdamW (the projector of the gradient at step % gap == 0, moments kept, or
+    with ``reset`` zeroed at each new projector and bias-corrected from there, the
     bias-corrected step, back-projection times scale, weight decay after) with dense
     projector matrices ``L`` (m x r, or None) and ``Rt`` (n x r, or None): R = L^T G Rt.
 
@@ -54,10 +55,11 @@ class Reference:
 
     def __init__(self, groups, lr, *, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  projector="svd", bits=None, group_size=256, residual=None, gamma=1.01,
-                 residual_lr=None, lazy=None):  # fmt: skip
+                 residual_lr=None, lazy=None, reset=False):  # fmt: skip
         self.groups, self.lr, self.betas, self.eps, self.wd = groups, lr, betas, eps, weight_decay
         self.projector, self.bits, self.group_size = projector, bits, group_size
         self.residual, self.gamma, self.residual_lr, self.lazy = residual, gamma, residual_lr, lazy
+        self.reset = reset
         self.state, self.seed, self.refreshes, self.limited = {}, 0, [], 0
 
     @staticmethod
@@ -135,6 +137,9 @@ class Reference:
                 else:
                     similar = 0
             st.update(interval=interval, similar=similar, at=st["step"] + interval)
+        if self.reset and "P" in st:
+            st.pop("m", None), st.pop("v", None)
+            st["t0"] = st["step"]
         st["P"] = new
         self.refreshes.append(st["step"])
 
@@ -153,7 +158,7 @@ class Reference:
                 if "m" not in st:
                     st["m"], st["v"] = torch.zeros_like(g), torch.zeros_like(g)
                 st["step"] += 1
-                t = st["step"]
+                t = st["step"] - st.get("t0", 0)
                 st["m"] = b1 * st["m"] + (1 - b1) * g
                 st["v"] = b2 * st["v"] + (1 - b2) * g * g
                 size = self.lr * math.sqrt(1 - b2**t) / (1 - b1**t)
@@ -264,7 +269,7 @@ def test_frugal_matches_the_reference(proj_type, residual):
 
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
 def test_dct_projector_matches_the_reference(proj_type):
-    optimizer, _ = compare({"projector": "dct"}, {"projector": "dct"}, proj_type)
+    optimizer, _ = compare({"projector": "dct"}, {"projector": "dct", "reset": True}, proj_type)
     state = optimizer.state[optimizer.param_groups[1]["params"][0]]
     assert state["projector_index"].dtype == torch.int32 and "projector" not in state
 
@@ -273,9 +278,69 @@ def test_dct_projector_matches_the_reference(proj_type):
 def test_random_columns_with_signsgd_match_the_reference(proj_type):
     """FRUGAL's RandK: one projected weight, so each refresh is one batch (seed + 1)."""
     _, reference = compare({"projector": "random", "residual": "signsgd"},
-                           {"projector": "random", "residual": "signsgd"}, proj_type,
+                           {"projector": "random", "residual": "signsgd", "reset": True},
+                           proj_type,
                            which=("up",))  # fmt: skip
     assert reference.refreshes == [0, 5, 10]
+
+
+@pytest.mark.parametrize(("options", "reset"), [({"svd": "exact", "reset_moments": True}, True),
+                                              ({"projector": "dct", "reset_moments": False}, False),
+                                              ({"projector": "random", "reset_moments": False},
+                                               False)])  # fmt: skip
+def test_reset_moments_overrides_the_default(options, reset):
+    """The SVD projector keeps its moments unless told; the index projections restart them
+    unless told (the reference: moments zeroed at a new projector, bias correction from
+    there)."""
+    reference = {"projector": options.get("projector", "svd"), "reset": reset}
+    optimizer, _ = compare(options, reference, "std", which=("up",))
+    state = optimizer.state[optimizer.param_groups[1]["params"][0]]
+    assert ("moments_from" in state) == reset and state.get("moments_from", 10) == 10
+
+
+def test_random_columns_do_not_inherit_another_columns_moments():
+    """A column drawn afresh starts from zero moments: its first update after a refresh is
+    Adam's first step, -lr sign(g) at bias correction 1, whatever the previous columns saw."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(8, 6, dtype=torch.float64))
+    optimizer = GaLoreAdamW([{"params": [w], "rank": 2, "update_proj_gap": 3}], lr=0.1,
+                            eps=1e-12, projector="random")  # fmt: skip
+    for step in range(4):
+        w.grad = torch.randn(8, 6, dtype=torch.float64)
+        before = w.detach().clone()
+        optimizer.step()
+        if step == 3:  # the refresh at step 3 drew new columns
+            index = optimizer.state[w]["projector_index"].long()
+            change = (w.detach() - before)[:, index]
+            torch.testing.assert_close(change, -0.1 * w.grad[:, index].sign(), rtol=1e-9,
+                                       atol=1e-12)  # fmt: skip
+
+
+def test_float64_weights_with_quantized_projectors_warm_start():
+    """The randomized refresh warm-starts from the dequantized projector at the gradient's
+    precision (float64 here), through several refreshes."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(20, 12, dtype=torch.float64))
+    for options in ({"projector_bits": 8}, {"projector_bits": 4, "group_size": 16},
+                    {"projector_bits": 4, "group_size": 16, "lazy_refresh": True,
+                     "cos_threshold": 0.0, "queue_size": 1}):  # fmt: skip
+        optimizer = GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 2}], lr=1e-3,
+                                **options)  # fmt: skip
+        for _ in range(7):
+            w.grad = torch.randn(20, 12, dtype=torch.float64)
+            optimizer.step()
+        assert len(optimizer.refresh_log) >= 3 and bool(torch.isfinite(w).all())
+
+
+def test_weights_of_one_shape_and_two_dtypes_keep_their_own_state_dtype():
+    a = nn.Parameter(torch.randn(20, 12))
+    b = nn.Parameter(torch.randn(20, 12, dtype=torch.float64))
+    optimizer = GaLoreAdamW([{"params": [a, b], "rank": 3}], lr=1e-3)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    optimizer.step()
+    for p in (a, b):
+        state = optimizer.state[p]
+        assert {state[k].dtype for k in ("projector", "exp_avg", "exp_avg_sq")} == {p.dtype}
 
 
 def test_dct_by_fft_is_the_dense_transform():

@@ -81,6 +81,28 @@ def test_adamw_inside_gives_galore_adamw(proj_type, svd):
         assert wrapped.inner.state[wrapped._standins[lin.weight]]["exp_avg"].shape == shape
 
 
+def test_random_columns_restart_the_inner_state_as_galore_adamw_does():
+    """With random columns the inner AdamW's state of a stand-in is dropped at each new
+    projector, as GaLoreAdamW restarts its moments: the same updates."""
+    from lowrank.optim.projector import RandomProjection
+
+    torch.manual_seed(0)
+    ours = Net().double()
+    theirs = copy.deepcopy(ours)
+    groups = lambda model: groups_of(model, "std", extra_projected=False, weight_decay=0.1)  # noqa: E731
+    wrapped = GaLore(groups(ours), torch.optim.AdamW, lr=1e-2, eps=1e-14, weight_decay=0.0,
+                     projection=RandomProjection())  # fmt: skip
+    galore = GaLoreAdamW(groups(theirs), lr=1e-2, eps=1e-14, projector="random")
+    x, y = data()
+    train(ours, wrapped, 12, x, y)
+    train(theirs, galore, 12, x, y)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert relative_error(a, b) <= 1e-10, name
+    # the stand-ins' inner step counts restarted at the refresh of step 10
+    assert {int(wrapped.inner.state[wrapped._standins[lin.weight]]["step"])
+            for lin in (ours.up, ours.down)} == {2}  # fmt: skip
+
+
 def reference_galore_sgd(params, grads_of, steps, lr, momentum, rank, gap, scale):
     """GaLore with SGD and momentum, from the equations: every ``gap`` steps ``P`` is the
     top-``rank`` right singular vectors of the gradient (weights with m >= n); the momentum

@@ -92,6 +92,28 @@ def test_pissa_is_the_principal_part(svd):
     assert relative_error(layer.B.T @ layer.B, layer.A @ layer.A.T) <= 1e-6
 
 
+@pytest.mark.parametrize("init", ["pissa", "corda", "olora"])
+def test_negative_alpha_keeps_the_function(init):
+    """A negative alpha flips the adapter's output; the inits that split the principal part
+    between A and B put the sign on A, so W_res + scale B A is still W (no square root of
+    a negative number)."""
+    layer, base = adapter(init, alpha=-8.0)
+    assert layer.scale == -2.0
+    assert bool(torch.isfinite(layer.A).all()) and bool(torch.isfinite(layer.base.weight).all())
+    x = inputs(dtype=torch.float64, seed=5)
+    assert relative_error(layer(x), base(x)) <= 1e-12
+    if init == "olora":  # A = R, B = Q whatever the scale: its product changes sign
+        return
+    positive, _ = adapter(init, alpha=8.0)
+    assert relative_error(layer.scale * layer.B @ layer.A,
+                          positive.scale * positive.B @ positive.A) <= 1e-10  # fmt: skip
+
+
+def test_zero_alpha_is_refused():
+    with pytest.raises(ValueError, match="alpha must be non-zero"):
+        LoRAAdapter(nn.Linear(16, 8), 4, 0.0)
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_matches_peft_init(init):
     model = toy()

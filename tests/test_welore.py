@@ -76,6 +76,28 @@ def test_threshold_matches_the_paper_rule(tau, min_reduction):
     assert not report.compressible["2"] and report.compressible["0"]
 
 
+def test_calibration_factors_but_does_not_choose_the_ranks():
+    """The rule reads the weights' own spectra with or without data; calibration batches
+    only whiten the factorisation, which then has the lower output error on them."""
+    tau = 0.1
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 24, generator=g) * torch.logspace(0, -1.5, 24)
+    plain, whitened = spectrum_model(), spectrum_model()
+    originals = {name: m.weight.detach().clone() for name, m in plain.named_children()}
+    convert(plain, "lowrank", allocation="welore", welore_threshold=tau, progress=False)
+    report = convert(whitened, "lowrank", allocation="welore", welore_threshold=tau,
+                     calibration=[x], progress=False)  # fmt: skip
+    expected = {n: reference_rank(w, tau) for n, w in originals.items()}
+    assert layer_ranks(whitened) == layer_ranks(plain)
+    assert layer_ranks(whitened) == {n: r for n, r in expected.items() if report.compressible[n]}
+    # the first layer sees x itself: the whitened factors fit x better than the plain ones
+    first = originals["0"]
+    assert isinstance(whitened[0], LowRankLinear)
+    errors = {k: float(((m[0].to_dense().detach() - first) @ x.T).norm())
+              for k, m in (("plain", plain), ("whitened", whitened))}  # fmt: skip
+    assert errors["whitened"] < errors["plain"]
+
+
 def brute_force_threshold(weights: dict[str, torch.Tensor], fraction: float) -> float:
     """The smallest threshold, among all normalised singular values, whose parameters
     (low-rank components factored, the others dense) fit the budget: a linear scan."""

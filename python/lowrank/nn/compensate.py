@@ -237,10 +237,10 @@ def _output_basis(e, eg, gram, rank, seed, roots):
 
 def _factors(e: torch.Tensor, u: torch.Tensor, scale: float):
     """``(A, B)`` with ``scale * B A = U U^T E``, each column of ``B`` as long as the
-    matching row of ``A``."""
+    matching row of ``A`` (a negative ``scale`` flips ``A``'s sign)."""
     m = u.T @ e
     norms = m.norm(dim=1)
-    c = torch.where(norms > 0, (norms / scale).sqrt(), torch.ones_like(norms))
+    c = torch.where(norms > 0, (norms / abs(scale)).sqrt(), torch.ones_like(norms))
     return m / (scale * c)[:, None], u * c
 
 
@@ -436,7 +436,8 @@ def compensate(
         scale = 1.0 if alpha is None else alpha / r
         a, b = _factors(e, u, scale)
         dtype = weights[name].dtype
-        adapters[name] = _adapter(layers[name][1], a.to(dtype), b.to(dtype),
+        device = weights[name].device  # the compressed model's
+        adapters[name] = _adapter(layers[name][1], a.to(device, dtype), b.to(device, dtype),
                                   float(r if alpha is None else alpha), method)  # fmt: skip
         total = float(w.square().sum())
         after = float((e - scale * (b @ a)).square().sum())

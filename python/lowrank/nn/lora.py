@@ -113,6 +113,9 @@ class LoRAAdapter(AdapterLinear):
         self._attach_base(base, dropout)
         self.rank = rank
         self.alpha = float(rank if alpha is None else check.real("alpha", alpha))
+        if self.alpha == 0.0:
+            raise ValueError("alpha must be non-zero: the adapter's output is scaled by "
+                             "alpha / rank")  # fmt: skip
         self.scale = self.alpha / rank
         self.init = init
         kw = self._factory_kwargs(dtype)
@@ -157,8 +160,7 @@ class LoRAAdapter(AdapterLinear):
                 oversample = max(10, self.rank // 2)
                 u, s, vh = rsvd(work, self.rank, n_iter=n_iter, oversample=oversample,
                                 seed=seed or 0)  # fmt: skip
-            root = (s / self.scale).sqrt()
-            a, b = root[:, None] * vh, u * root
+            a, b = _split(u, s, vh, self.scale)
         elif self.init == "olora":
             q, r = torch.linalg.qr(work)
             a, b = r[: self.rank], q[:, : self.rank]
@@ -297,8 +299,15 @@ def corda_factors(w, stats, rank, scale, method):
     keep = slice(0, rank) if method == "ipm" else slice(len(s) - rank, len(s))
     u, s, vh = u[:, keep], s[keep], vh[keep]
     v_c = torch.cholesky_solve(vh.T, factor).T  # V^T C^{-1}, (rank, in)
-    root = (s / scale).sqrt()
-    return root[:, None] * v_c, u * root
+    return _split(u, s, v_c, scale)
+
+
+def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scale: float):
+    """``(A, B)`` with ``scale * B A = U diag(s) V^T`` and ``B``'s columns as long as
+    ``A``'s rows: ``A = sign(scale) sqrt(s/|scale|) V^T``, ``B = U sqrt(s/|scale|)`` (a
+    negative ``alpha`` flips ``A``)."""
+    root = (s / abs(scale)).sqrt()
+    return math.copysign(1.0, scale) * root[:, None] * vh, u * root
 
 
 def eva_ranks(spectra: dict[str, torch.Tensor], rank: int, rho: float) -> dict[str, int]:

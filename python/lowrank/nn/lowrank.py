@@ -243,8 +243,10 @@ def _plan(context: ConversionContext, config: LowRankConfig):
 
 
 def _plan_welore(context: ConversionContext, config: LowRankConfig):
-    """WeLore: ranks from one threshold on the normalised spectra; the low-rank components
-    are factored (whitened SVD with calibration data), the others left dense."""
+    """WeLore: ranks from one threshold on the weights' own normalised spectra (the
+    paper's rule, data-free even when calibration batches are given); the low-rank
+    components are factored (by the whitened SVD with calibration data), the others left
+    dense."""
     from lowrank.nn import allocation
 
     params, threshold = context.params, config.welore_threshold
@@ -255,7 +257,7 @@ def _plan_welore(context: ConversionContext, config: LowRankConfig):
         raise ValueError("allocation='welore' needs exactly one of params= and "
                          "welore_threshold=")  # fmt: skip
     shapes, grams, report = context.shapes, context.grams, context.report
-    spectra = {n: _spectrum(context.linears[n].weight, grams.get(n)) for n in shapes}
+    spectra = {n: _spectrum(context.linears[n].weight, None) for n in shapes}
     found = allocation.welore_ranks(spectra, shapes, threshold=threshold, fraction=params,
                                     min_reduction=config.welore_min_reduction)  # fmt: skip
     report.compressible = dict(found.compressible)

@@ -48,7 +48,13 @@ The variants are options, each a small piece on the projector or in the step:
   number). ``"signsgd"`` and ``"sgd"`` (Zmushko et al. 2024, FRUGAL) update with ``E``
   by a state-free rule at the group's ``residual_lr`` (default its ``lr``, no bias
   correction): ``W -= residual_lr sign(E)`` or ``W -= residual_lr E``, after the Adam part.
-  Weight decay applies after both. The moments are kept across refreshes, as GaLore's.
+  Weight decay applies after both.
+- ``reset_moments`` (group option): whether the projected moments restart (zeroed, the
+  bias correction counting again from the refresh, ``state["moments_from"]``) when a
+  parameter's projector is replaced. By default they are kept across refreshes, as
+  GaLore's, for the SVD projector, and restart for ``"dct"`` and ``"random"``, whose
+  coordinates name chosen basis vectors: after a refresh a coordinate may stand for
+  another vector, whose moments the kept ones are not.
 - ``projector``: ``"svd"`` (GaLore's), ``"dct"`` (the DCT columns on which the gradient has
   most energy, chosen by FFT, stored as indices: :class:`~lowrank.optim.projector.
   DCTProjection`) or ``"random"`` (random rows or columns, FRUGAL's RandK:
@@ -121,6 +127,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             norm-growth limit, 1.01) and ``residual_lr`` (FRUGAL's rate for it, default the
             group's ``lr``).
         projector: ``"svd"``, ``"dct"`` or ``"random"`` (module docstring).
+        reset_moments: restart the projected moments at each refresh (a group option:
+            ``None``, the default, restarts them for ``"dct"`` and ``"random"`` only;
+            module docstring).
         projector_bits: ``None`` (float32 projectors), 8 or 4: the SVD projector stored in
             groups of ``group_size`` elements (a positive integer, even for 4 bits).
         lazy_refresh: Q-GaLore's per-parameter refresh intervals: an interval (at first
@@ -153,6 +162,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         limiter_gamma: float = 1.01,
         residual_lr: float | None = None,
         projector: str = "svd",
+        reset_moments: bool | None = None,
         projector_bits: int | None = None,
         group_size: int = 256,
         lazy_refresh: bool = False,
@@ -195,7 +205,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self.projector = GaLoreProjector(projection, seed=seed)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     "correct_bias": correct_bias, "residual": residual,
-                    "limiter_gamma": limiter_gamma, "residual_lr": residual_lr}  # fmt: skip
+                    "limiter_gamma": limiter_gamma, "residual_lr": residual_lr,
+                    "reset_moments": reset_moments}  # fmt: skip
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
@@ -236,8 +247,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_step()
-        self.projector.refresh((p, self.state[p], group) for group in self.param_groups
-                               for p in group["params"] if p.grad is not None)  # fmt: skip
+        entries = [(p, self.state[p], group) for group in self.param_groups
+                   for p in group["params"] if p.grad is not None]  # fmt: skip
+        replaced = self.projector.refresh(entries)
+        for _, state, group in replaced:
+            if self.projector.resets(group) and "exp_avg" in state:
+                del state["exp_avg"], state["exp_avg_sq"]
+                state["moments_from"] = state["step"]
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
@@ -263,7 +279,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 denom = exp_avg_sq.sqrt().add_(group["eps"])
                 step_size = lr
                 if group["correct_bias"]:
-                    t = state["step"]
+                    t = state["step"] - state.get("moments_from", 0)
                     step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
                 update = exp_avg / denom
                 if projected:

@@ -59,7 +59,7 @@ from lowrank.linalg.sketching import STREAM_TEST_MATRIX, test_matrix
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SIDES = ("right", "left", "full")
-GROUP_DEFAULTS = {"update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}
+GROUP_DEFAULTS = {"update_proj_gap": 200, "scale": 1.0, "proj_type": "std", "reset_moments": None}
 
 # One parameter's entry for a refresh: the parameter (its gradient is ``param.grad``), its
 # optimizer state and its parameter group.
@@ -149,6 +149,10 @@ class Projection:
     randomized = False
     #: the state keys a projector's tensors may occupy (a new projector replaces them all)
     keys = frozenset(("projector", "projector_vh"))
+    #: a projected coordinate may stand for another direction after a refresh (chosen
+    #: basis vectors, in any order): moments kept across it would be another direction's,
+    #: so by default they restart (the group option ``reset_moments``)
+    slots_change = False
 
     def compute(
         self,
@@ -297,6 +301,7 @@ class IndexProjection(Projection):
 
     keys = frozenset(("projector_index", "projector_size", "projector_index_vh",
                       "projector_size_vh"))  # fmt: skip
+    slots_change = True
 
     def select(self, x: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
         """The indices (``b x rank``) to keep along the last dimension of ``x`` (``b x a x
@@ -470,8 +475,8 @@ class QuantizedProjection(Projection):
         return self.inner.warm_starts(self.dense(state), side, rank)
 
     def compute(self, grads, side, rank, previous, seed):
-        if previous is not None:
-            previous = [self.dense(state) for state in previous]
+        if previous is not None:  # warm starts at the gradients' precision
+            previous = [self.dense(state, grads.dtype) for state in previous]
         result = []
         for tensors in self.inner.compute(grads, side, rank, previous, seed):
             stored = {}
@@ -545,6 +550,9 @@ class GaLoreProjector:
         if group["proj_type"] not in PROJ_TYPES:
             raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got "
                              f"{group['proj_type']!r}")  # fmt: skip
+        if group["reset_moments"] not in (None, True, False):
+            raise TypeError(f"reset_moments must be None, True or False, got "
+                            f"{group['reset_moments']!r}")  # fmt: skip
         for p in group["params"]:
             if p.dim() != 2:
                 continue
@@ -571,6 +579,15 @@ class GaLoreProjector:
         update: it has none yet, or ``state["step"]`` is a multiple of the group's gap."""
         return not self.active(state) or state.get("step", 0) % group["update_proj_gap"] == 0
 
+    def resets(self, group: dict) -> bool:
+        """Whether the projected moments of ``group``'s parameters restart when their
+        projector is replaced: the group's ``reset_moments``, by default whether the
+        projection's coordinates may change meaning at a refresh (``slots_change``: the
+        index projections, DCT and random columns; the SVD projector's moments are kept, as
+        GaLore's)."""
+        reset = group.get("reset_moments")
+        return self.projection.slots_change if reset is None else reset
+
     # ---- project ---------------------------------------------------------------------------
 
     def project(self, state: dict, grad: torch.Tensor) -> torch.Tensor:
@@ -583,8 +600,9 @@ class GaLoreProjector:
 
     # ---- refresh ---------------------------------------------------------------------------
 
-    def refresh(self, entries: Iterable[Entry]) -> None:
-        """New projectors for the entries that are due, batched by shape, side and rank.
+    def refresh(self, entries: Iterable[Entry]) -> list[Entry]:
+        """New projectors for the entries that are due, batched by shape, dtype, side and
+        rank; returns the entries whose projector was replaced (they had one before).
 
         ``entries``: ``(param, state, group)`` for parameters of any groups; those without a
         gradient, not projected or not due are passed over. The gradients due are checked
@@ -603,15 +621,15 @@ class GaLoreProjector:
             rank = min(group["rank"], *p.shape)
             warm = (self.active(state) and SIDES[state["side"]] == side
                     and self.projection.warm_starts(state, side, rank))  # fmt: skip
-            batches[(tuple(p.shape), p.device, side, rank, warm)].append(entry)
+            # float32 at least (float16/bfloat16 gradients), float64 stays float64
+            dtype = torch.promote_types(p.grad.dtype, torch.float32)
+            batches[(tuple(p.shape), p.device, dtype, side, rank, warm)].append(entry)
         if not batches:
-            return
+            return []
         start = time.perf_counter()
         seed, results = self.seed, []
-        for (_shape, _device, side, rank, warm), batch in batches.items():
-            # float32 at least (float16/bfloat16 gradients), float64 stays float64
-            grads = torch.stack([p.grad.to(torch.promote_types(p.grad.dtype, torch.float32))
-                                 for p, _, _ in batch])  # fmt: skip
+        for (_shape, _device, dtype, side, rank, warm), batch in batches.items():
+            grads = torch.stack([p.grad.to(dtype) for p, _, _ in batch])
             _check_finite(batch, grads)
             if self.projection.randomized:
                 seed += 1  # fresh sketches each batched refresh
@@ -619,7 +637,9 @@ class GaLoreProjector:
             results.append((seed, self.projection.compute(grads, side, rank, previous, seed)))
         # nothing has changed until every batch is computed
         self.seed = seed
-        for ((_shape, _device, side, _rank, _warm), batch), (seed, new) in zip(
+        replaced = [entry for batch in batches.values() for entry in batch
+                    if self.active(entry[1])]  # fmt: skip
+        for ((_shape, _device, _dtype, side, _rank, _warm), batch), (seed, new) in zip(
             batches.items(), results
         ):
             for (_, state, _), tensors in zip(batch, new):
@@ -634,6 +654,7 @@ class GaLoreProjector:
         count = sum(len(batch) for batch in batches.values())
         step = max(state.get("step", 0) for batch in batches.values() for _, state, _ in batch)
         self.refresh_log.append(Refresh(step, count, time.perf_counter() - start))
+        return replaced
 
     def resume(self, states: Iterable[dict]) -> None:
         """Continue the seeds from the parameters' recorded ones (after loading a state dict):
@@ -681,15 +702,15 @@ class LazyGaLoreProjector(GaLoreProjector):
             return super().due(state, group)
         return state.get("step", 0) >= state["refresh_at"]
 
-    def refresh(self, entries: Iterable[Entry]) -> None:
+    def refresh(self, entries: Iterable[Entry]) -> list[Entry]:
         due = [(p, state, group) for p, state, group in entries if p.grad is not None
                and self.projects(group, p) and self.due(state, group)]  # fmt: skip
         before = [{key: state[key] for key in self.projection.keys | {"side"} if key in state}
                   for _, state, _ in due]  # fmt: skip
         logged = len(self.refresh_log)
-        super().refresh(due)
+        replaced = super().refresh(due)
         if len(self.refresh_log) == logged:
-            return
+            return replaced
         intervals = {}
         for (p, state, group), old in zip(due, before):
             interval = state.get("refresh_interval", group["update_proj_gap"])
@@ -705,6 +726,7 @@ class LazyGaLoreProjector(GaLoreProjector):
                          refresh_at=state.get("step", 0) + interval)  # fmt: skip
             intervals[describe(p, group).removeprefix("parameter ")] = interval
         self.refresh_log[-1].intervals = intervals
+        return replaced
 
     def similarity(self, old: dict, new: dict, param: torch.Tensor) -> float:
         """``||P_old^T P_new||_F^2 / r`` of two projectors (states) of ``param`` on the same

@@ -73,8 +73,11 @@ class GaLore(torch.optim.Optimizer):
     Args:
         params: parameters or groups, as for ``torch.optim.AdamW``; a group with ``rank``
             (and optionally ``update_proj_gap`` (200), ``scale`` (1.0), ``proj_type``
-            (``"std"``)) is projected, as in :class:`~lowrank.optim.GaLoreAdamW`; its other
-            options are the inner optimizer's.
+            (``"std"``), ``reset_moments``) is projected, as in
+            :class:`~lowrank.optim.GaLoreAdamW`; its other options are the inner
+            optimizer's. A stand-in whose projector is replaced with moments to reset (by
+            default for the DCT and random-column projections) starts afresh in the inner
+            optimizer (its state dropped).
         optimizer: the inner optimizer's class, a subclass of ``torch.optim.Optimizer``
             (``torch.optim.AdamW``, ``torch.optim.Adafactor``, ``bitsandbytes.optim.AdamW8bit``,
             ...).
@@ -270,7 +273,10 @@ class GaLore(torch.optim.Optimizer):
                     plain.append(p)
         if not projected and not plain:
             return loss
-        self.projector.refresh((p, self.state[p], group) for p, group in projected)
+        replaced = self.projector.refresh((p, self.state[p], group) for p, group in projected)
+        for p, _, group in replaced:  # the inner optimizer starts the stand-in afresh
+            if self.projector.resets(group):
+                self.inner.state.pop(self._standins[p], None)
         before = []
         for p, _ in projected:
             state, standin = self.state[p], self._standins[p]
