@@ -6,6 +6,7 @@ AdaLoRA format loaded by PEFT."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -270,6 +271,97 @@ def test_peft_export_loads_in_peft_with_the_same_outputs(tmp_path):
     x = batch(0, torch.float32)[0]
     assert relative_error(theirs(x), model(x)) <= 1e-6
     assert theirs.base_model.model.a.lora_E["default"].shape[0] == allocator.ranks()["a"]
+
+
+def masked_reference(m, x):
+    """An AdaLoRA layer written out: ``base(x) + s x Q^T diag(Lambda * mask) P^T``."""
+    core = torch.where(m.mask, m.C, torch.zeros_like(m.C))
+    return m.base(x) + m.scale * ((x @ m.A.T) * core) @ m.B.T
+
+
+# PEFT's rank_pattern warning: see test_peft_export_loads_in_peft_with_the_same_outputs.
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys")
+def test_pruned_values_never_act_after_the_final_allocation(tmp_path):
+    """After the final allocation the mask is part of the layer's function: with the
+    allocator detached, more steps and pruned values set by hand, the forward is the
+    masked core's, and the merge, current_rank, save/load and both PEFT exports agree with
+    it."""
+    peft = pytest.importorskip("peft")
+    original = toy(dtype=torch.float32)
+    model = copy.deepcopy(original)
+    convert(model, "adalora", progress=False, **SCHEDULE)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    allocator = attach(model, opt)
+    layers = allocator.layers
+    x = batch(0, torch.float32)[0]
+    for t in range(1, 16):
+        if t == 13:  # the final allocation was at t = 9
+            allocator.detach()
+        opt.zero_grad()
+        loss_of(model, t, torch.float32).backward()
+        opt.step()
+        assert all(m.mask_final == (t >= 9) for m in layers.values())
+    assert allocator.final and sum(allocator.ranks().values()) == 6
+    with torch.no_grad():  # pruned values moved by hand: they still do not act
+        for m in layers.values():
+            m.C[~m.mask] = torch.randn(int((~m.mask).sum()))
+        assert all(torch.count_nonzero(m.C[~m.mask]) > 0 for m in layers.values() if m.rank > 2)
+        h = torch.tanh(model.a(x))
+        for m, inputs in ((model.a, x), (model.b, h), (model.c, h)):
+            assert relative_error(m(inputs), masked_reference(m, inputs)) <= 1e-6
+    assert all(m.current_rank == int(m.mask.sum()) for m in layers.values())
+    with torch.no_grad():
+        y = model(x)
+        for m in layers.values():
+            m.merge()
+        assert relative_error(model(x), y) <= 1e-6
+        for m in layers.values():
+            m.unmerge()
+        y = model(x)  # the base weights as merging and unmerging rounded them
+    lowrank.nn.save(model, tmp_path / "saved")
+    loaded = lowrank.nn.load(copy.deepcopy(original), tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+    for folder, export in (("adalora", save_peft), ("lora", lowrank.nn.lora.save_peft)):
+        export(model, str(tmp_path / folder))
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path / folder))
+        with torch.no_grad():
+            assert relative_error(theirs(x), y) <= 1e-6, folder
+    theirs_e = peft.PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path / "adalora"))
+    assert theirs_e.base_model.model.a.lora_E["default"].shape[0] == model.a.current_rank
+
+
+def test_export_between_allocations_warns_of_moved_pruned_values(tmp_path):
+    """Before the final allocation pruned values train again between allocations (as in
+    PEFT) and act; PEFT's AdaLoRA format keeps the allocation's triplets only, so an export
+    then says what it drops. The plain-LoRA export keeps every value: the same function."""
+    pytest.importorskip("peft")
+    model = toy(dtype=torch.float32)
+    convert(model, "adalora", progress=False, **SCHEDULE)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    attach(model, opt)
+    for t in range(1, 8):  # allocations at t = 2, 4, 6; the final one at t = 9
+        opt.zero_grad()
+        loss_of(model, t, torch.float32).backward()
+        opt.step()
+    assert any(bool((m.C[~m.mask] != 0).any()) for m in model.modules()
+               if isinstance(m, AdaLoRAAdapter))  # fmt: skip
+    assert not model.a.mask_final
+    with pytest.warns(UserWarning, match="pruned singular values have moved"):
+        save_peft(model, str(tmp_path / "adalora"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowrank.nn.lora.save_peft(model, str(tmp_path / "lora"))
+
+
+def test_allocating_needs_unmerged_layers():
+    model = adalora_model()
+    allocator = attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model.a.merge()
+    masks = [m.mask.clone() for m in allocator.layers.values()]
+    with pytest.raises(RuntimeError, match=r"unmerge the layers \['a'\]"):
+        allocator.allocate(2)
+    assert all(torch.equal(m.mask, k) for m, k in zip(allocator.layers.values(), masks))
 
 
 @pytest.mark.parametrize("init", ["orthogonal", "gaussian"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -275,6 +276,32 @@ def test_sorsa_hook_is_the_papers_update():
     assert orthonormality_error(model) < min(error / 100, 1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sorsa_hook_warns_when_the_factors_round_its_step_away(dtype):
+    """In float16/bfloat16 factors the regulariser's step is below their rounding:
+    sorsa_hook says so once (not at every step) and names the adapters' dtype option, which
+    keeps them in float32 on the low-precision base: no warning, and the step is kept."""
+    model = convert(toy(dtype), "sorsa", rank=4, progress=False).model
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.warns(UserWarning, match=r"B and A in .*dtype=torch\.float32") as record:
+        handle = sorsa_hook(optimizer, model)
+        for _ in range(3):
+            optimizer.step()
+    assert sum("SORSA" in str(w.message) for w in record) == 1
+    assert str(dtype).removeprefix("torch.") in str(record[0].message)
+    handle.remove()
+    kept = perturb(convert(toy(dtype), "sorsa", rank=4, progress=False,
+                           dtype=torch.float32).model)  # fmt: skip
+    assert kept.a.B.dtype == torch.float32 and kept.a.base.weight.dtype == dtype
+    optimizer = torch.optim.SGD([p for p in kept.parameters() if p.requires_grad], lr=0.1)
+    before = kept.a.B.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sorsa_hook(optimizer, kept)
+        optimizer.step()  # no gradients: the regulariser's step alone
+    assert bool((before != kept.a.B).all())
+
+
 # ---- the core -----------------------------------------------------------------------------------
 
 
@@ -370,6 +397,51 @@ def test_save_load_and_peft_export(kind, tmp_path):
     assert all(type(m) is nn.Linear for m in (dense.a, dense.b))
     with torch.no_grad():
         assert relative_error(dense(x), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["svfit", "loldu"])
+def test_factors_made_trainable_after_a_residual_init(kind, tmp_path):
+    """A residual init keeps B0/A0 only for a trainable B/A; B and A made trainable later by
+    set_trainable (after a merge and unmerge, which leave them as they are) and trained:
+    the original weight, the PEFT export and save/load still give the model."""
+    original = toy()
+    model = copy.deepcopy(original)
+    report = convert(model, kind, rank=4, progress=False)
+    x = inputs(seed=5)
+    for layer in (model.a, model.b):
+        assert layer.B0 is None and layer.A0 is None and layer.C0 is not None
+        layer.merge()
+        layer.unmerge()
+        layer.set_trainable(("B", "C", "A"))
+        assert layer.B0 is not None and layer.A0 is not None
+        assert layer.B0.data_ptr() != layer.B.data_ptr()  # a copy, not the trained tensor
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    with torch.no_grad():
+        expected = model(x)
+        assert relative_error(expected, original(x)) > 1e-2  # B and A trained too
+    for name in ("a", "b"):
+        layer, linear = getattr(model, name), getattr(original, name)
+        assert relative_error(layer.original_weight(), linear.weight) <= 1e-6
+    _, config = peft_state(model)
+    assert config["r"] == 8  # [A; A0] and [s B C, -B0 C0]
+    save_peft(model, str(tmp_path / "peft"))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path / "peft"))
+    with torch.no_grad():
+        assert relative_error(theirs(x), expected) <= 1e-5
+    save(model, tmp_path / "lowrank", report)
+    loaded = load(toy(), tmp_path / "lowrank")
+    assert loaded.a.B0 is not None and torch.equal(loaded.a.B0, model.a.B0)
+    with torch.no_grad():
+        assert relative_error(loaded(x), expected) == 0
+    # made frozen again, B keeps its trained value and B0 the initial one
+    model.a.set_trainable(("C",))
+    model.a.set_trainable(("B", "C"))
+    assert torch.equal(model.a.B0, loaded.a.B0)
+    assert relative_error(model.a.original_weight(), original.a.weight) <= 1e-6
 
 
 def test_peft_export_errors_name_what_is_exported(tmp_path):

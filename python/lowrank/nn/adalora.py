@@ -18,10 +18,13 @@ orthonormal (random, ``init="orthogonal"``, the default) or drawn from ``N(0, 0.
   t_init) / (T - t_init - t_final))^3`` (rounded down), and ``b(T) = target_rank x
   layers`` from ``t = T - t_final`` (``T = total_steps``).
 - **Masking** every ``delta_t`` steps of the cubic phase: the ``b(t)`` triplets with the
-  largest scores over all layers are kept, the others' ``lambda_i`` are set to zero (they
-  keep training and may be selected again, as in the paper). At ``t = T - t_final`` the
-  final allocation (budget ``b(T)``) is made and kept: the pruned values are zeroed after
-  every later step, the importance is no longer updated.
+  largest scores over all layers are kept (the layer's boolean buffer ``mask``), the
+  others' ``lambda_i`` are set to zero (they keep training and may be selected again, as in
+  the paper and PEFT). At ``t = T - t_final`` the final allocation (budget ``b(T)``) is
+  made and kept, and the importance is no longer updated. From then on the mask is part of
+  the layer's function: its core is ``Lambda * mask`` (:meth:`AdaLoRAAdapter.core`) in the
+  forward, the merge and both PEFT exports, so a pruned ``lambda_i`` never acts again,
+  after :meth:`AdaLoRAAllocator.detach` too.
 - **Orthogonality**: ``orth_reg_weight * (||P^T P - I||_F^2 + ||Q Q^T - I||_F^2)`` per layer
   is added to the training objective through its gradient, added to ``P``'s and ``Q``'s
   gradients before each step (the same as adding it to the loss, without touching it).
@@ -41,7 +44,8 @@ pre-step hook (importance, regulariser) and a post-step hook (schedule, masking)
 The allocation uses ``torch.topk`` on the concatenated scores with ``k = b(t)`` (clamped to
 ``[0, all]``), never ``kthvalue``: a budget of everything, of nothing, a layer that loses
 all its triplets, and a single layer are ordinary cases. :meth:`AdaLoRAAllocator.state_dict`
-holds the step and the scores for resuming (the masks are buffers in the model's state).
+holds the step and the scores for resuming (the masks are buffers in the model's state,
+so :func:`lowrank.nn.save`/:func:`lowrank.nn.load` keep the layers' function).
 
 **PEFT export.** :func:`save_peft` writes PEFT's ``AdaLoraConfig`` (``init_r`` = ``rank``,
 ``target_r``, ``tinit``, ``tfinal``, ``deltaT``, ``total_step``, ``beta1``, ``beta2``,
@@ -54,6 +58,7 @@ gives the same outputs.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +120,8 @@ class AdaLoRAAdapter(SVDAdapter):
                          scale=alpha / rank, dropout=dropout, dtype=dtype)  # fmt: skip
         self._add_mask()
         self.init = init
+        #: the final allocation is made: the mask is part of the function (:meth:`core`)
+        self.mask_final = False
         if not self.A.is_meta:
             generator = None
             if seed is not None:
@@ -140,17 +147,33 @@ class AdaLoRAAdapter(SVDAdapter):
         self = super().empty(base, structure)
         self.init = "orthogonal"  # the values come from the saved state
         self._add_mask()
+        self.mask_final = False  # as the saved state says
         return self
+
+    def core(self) -> torch.Tensor:
+        """The singular values the layer's function uses (forward, merge, exports): after
+        the final allocation ``Lambda * mask``, the pruned ones zero whatever ``C`` holds;
+        before it ``Lambda`` itself, whose pruned values the allocations zero and the
+        optimizer may move again in between (the schedule of the paper and PEFT)."""
+        return self.C.masked_fill(~self.mask, 0.0) if self.mask_final else self.C
 
     @property
     def current_rank(self) -> int:
-        """The number of triplets the allocation keeps."""
+        """The number of triplets the last allocation keeps."""
         return int(self.mask.sum())
 
     @torch.no_grad()
     def apply_mask(self) -> None:
-        """Sets the pruned triplets' singular values to zero."""
+        """Sets the pruned triplets' stored singular values to zero."""
         self.C.masked_fill_(~self.mask, 0.0)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "mask_final": self.mask_final}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        if isinstance(state, dict):
+            self.mask_final = bool(state.get("mask_final", False))
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``||P^T P - I||_F^2 + ||Q Q^T - I||_F^2`` (differentiable)."""
@@ -336,6 +359,8 @@ class AdaLoRAAllocator:
         elif t >= c.total_steps - c.t_final:
             self.allocate(self.target_budget)
             self.final = True
+            for m in self.layers.values():
+                m.mask_final = True
         elif t >= c.t_init and (t - c.t_init) % c.delta_t == 0:
             self.allocate(self.budget())
 
@@ -355,7 +380,12 @@ class AdaLoRAAllocator:
     @torch.no_grad()
     def allocate(self, budget: int) -> dict[str, int]:
         """Keeps the ``budget`` triplets with the largest scores over all layers and zeros
-        the others' singular values; returns the ranks."""
+        the others' singular values; returns the ranks. The layers must be unmerged (a new
+        mask changes their function)."""
+        merged = [name for name, m in self.layers.items() if m.merged]
+        if merged:
+            raise RuntimeError(f"AdaLoRAAllocator.allocate: unmerge the layers {merged[:5]} "
+                               "first (a new mask changes their function)")  # fmt: skip
         budget = max(0, min(int(budget), self.initial_budget))
         scores = self.scores()
         names = list(self.layers)
@@ -439,7 +469,13 @@ def peft_state(model: nn.Module, config: AdaLoRAConfig | None = None
             raise ValueError(f"{name}: unmerge the adapter before saving it for PEFT")
         keep = m.mask.cpu()
         prefix = f"base_model.model.{name}"
-        values = m.C.detach().cpu() * keep
+        values = m.core().detach().cpu()
+        moved = values[~keep]
+        if bool((moved != 0).any()):
+            warnings.warn(f"{name}: {int(torch.count_nonzero(moved))} pruned singular values "
+                          "have moved since the last allocation and act in the model, but the "
+                          "export keeps the allocation's triplets only; export after the final "
+                          "allocation for the model's exact function", stacklevel=2)  # fmt: skip
         scale = float(m.scale) * fold
         tensors[f"{prefix}.lora_A"] = m.A.detach().cpu()[keep].contiguous()
         tensors[f"{prefix}.lora_B"] = m.B.detach().cpu()[:, keep].contiguous()

@@ -18,8 +18,8 @@ Contract for code built on the core (its public API):
   dtype=None)`` builds the structure with zero factors; :meth:`SVDAdapter.set_factors`
   gives them values. ``set_factors(..., residual=True)`` makes the base weight the
   residual ``W - s B C A`` (so the layer's function is unchanged) and keeps the initial
-  values the export needs (``C0 = s C`` at init, and ``B0``/``A0`` for a trainable
-  ``B``/``A``).
+  values the export needs (``C0 = s C`` at init, and ``B0``/``A0`` for a ``B``/``A``
+  trainable then or made trainable later by :meth:`SVDAdapter.set_trainable`).
 - :meth:`SVDAdapter.core` is the ``C`` the function uses (``C`` itself); a subclass
   overrides it to mask or transform the core (e.g. pruned singular values), and
   :meth:`forward`, :meth:`delta_weight` and :meth:`peft_factors` follow.
@@ -120,9 +120,9 @@ class SVDAdapter(AdapterLinear):
         # the scale in float32 at least, so a low-precision adapter keeps it exactly
         scale_dtype = torch.float64 if kw["dtype"] == torch.float64 else torch.float32
         self._put("scale", torch.tensor(scale, device=kw["device"], dtype=scale_dtype), False)
-        self.set_trainable(trainable)
         for name in ("B0", "C0", "A0"):
             self.register_buffer(name, None)
+        self.set_trainable(trainable)
 
     # ---- the parts -----------------------------------------------------------------------------
 
@@ -140,8 +140,19 @@ class SVDAdapter(AdapterLinear):
     def set_trainable(self, trainable: Iterable[str]) -> None:
         """Makes exactly the parts in ``trainable`` (among ``"B"``, ``"C"``, ``"A"``,
         ``"scale"``) parameters and the others buffers, keeping their values. Build the
-        optimizer after this call (the parameter objects change)."""
+        optimizer after this call (the parameter objects change).
+
+        After a residual init, a ``B`` or ``A`` made trainable here for the first time has
+        its current value kept as ``B0``/``A0`` first, as the init keeps those of a
+        trainable one: :meth:`original_weight` and :meth:`peft_factors` need it once it
+        trains. A frozen factor still holds the init's value (merging writes the base
+        weight only, :meth:`set_factors` keeps new initial values, a state dict loads both
+        together), so a copy of it is exact."""
         trainable = _trainable_set(trainable)
+        if self.C0 is not None:
+            for name in ("B", "A"):
+                if name in trainable and getattr(self, name + "0") is None:
+                    setattr(self, name + "0", getattr(self, name).detach().clone())
         for name in TRAINABLE:
             current = getattr(self, name)
             if (name in trainable) != isinstance(current, nn.Parameter):

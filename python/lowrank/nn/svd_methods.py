@@ -59,6 +59,7 @@ it by ``s B C A`` with ``C ~ 1e-5``, LoRA-SB by the approximated first step. Thr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,7 @@ from lowrank.nn.svd_adapter import SVDS, SVDAdapter, register_svd_kind, top_sing
 
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 UPDATES = ("sign", "gradient")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 DIAGONAL_INITS = ("lu", "constant", "uniform", "normal")
 
 
@@ -430,13 +432,29 @@ def sorsa_hook(optimizer: torch.optim.Optimizer, model: nn.Module, gamma: float 
     The authors' released trainer instead adds ``gamma / eta_0`` times the gradient of the
     regulariser *averaged over all adapted matrices* to the loss's gradient before AdamW's
     step, so that Adam normalises it; the separate descent step here is the paper's equation
-    (the two coincide for plain SGD up to that averaging)."""
+    (the two coincide for plain SGD up to that averaging).
+
+    Warns (``UserWarning``, once here) when a SORSA layer holds ``B`` or ``A`` in float16 or
+    bfloat16: the regulariser's step, ``2 gamma_t`` times a unit-norm direction, is far
+    below the rounding of their entries and is mostly lost. The adapters' ``dtype`` option
+    (``convert(model, "sorsa", ..., dtype=torch.float32)``) keeps them in float32 with the
+    base layers in low precision."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")  # fmt: skip
     gamma = check.real("gamma", gamma, 0.0)
-    if not _sorsa_layers(model):
+    layers = _sorsa_layers(model)
+    if not layers:
         raise ValueError("model holds no SORSAAdapter")
+    low = sorted({str(p.dtype).removeprefix("torch.") for m in layers for p in (m.B, m.A)
+                  if p.dtype in LOW_PRECISION})  # fmt: skip
+    if low and gamma > 0:
+        warnings.warn(f"SORSA adapters hold B and A in {' and '.join(low)}: the orthonormal "
+                      f"regulariser's step (2 gamma_t times a unit-norm direction, gamma = "
+                      f"{gamma:g}) is below the rounding of their entries and is mostly lost. "
+                      "Keep the adapters in float32 with the kind's dtype option, "
+                      "convert(model, 'sorsa', ..., dtype=torch.float32) (the base layers "
+                      "may stay in low precision)", UserWarning, stacklevel=2)  # fmt: skip
     lr_when_added = float(optimizer.param_groups[0]["lr"])
 
     def hook(opt, _args, _kwargs):
