@@ -514,7 +514,7 @@ def pretrain(config: Config, data: dict, out: str) -> tuple[dict[str, torch.Tens
     path = os.path.join(out, f"finetune-base-{config.base_key()}.pt")
     if os.path.exists(path):
         saved = torch.load(path, weights_only=True)
-        return saved["state"], {**saved["info"], "cached": True, "path": path}
+        return saved["state"], {**saved["info"], "cached": True, "file": os.path.basename(path)}
     torch.manual_seed(0)
     model = TinyLM(**config.model_args())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.1)
@@ -539,7 +539,7 @@ def pretrain(config: Config, data: dict, out: str) -> tuple[dict[str, torch.Tens
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     os.makedirs(out, exist_ok=True)
     torch.save({"state": state, "info": info}, path)
-    return state, {**info, "cached": False, "path": path}
+    return state, {**info, "cached": False, "file": os.path.basename(path)}
 
 
 def finetune(method: Method, rates: dict[str, float], base: dict, data: dict, evals: dict,
