@@ -496,6 +496,10 @@ def test_bad_options_name_the_option_and_group():
     ]:
         with pytest.raises(ValueError, match=message):
             GaLoreAdamW([{"params": named, "rank": 2}], **options)
+    # the projector serves every group: its options given to a group are refused, not ignored
+    for key, value in (("projector", "dct"), ("projector_bits", 4), ("lazy_refresh", True)):
+        with pytest.raises(ValueError, match=rf"param_groups\[0\]: {key}: the projector's"):
+            GaLoreAdamW([{"params": named, "rank": 2, key: value}])
     optimizer = GaLoreAdamW([plain], residual="fira")
     with pytest.raises(ValueError, match=r"param_groups\[1\]: rank = 8"):
         optimizer.add_param_group({"params": named, "rank": 8})

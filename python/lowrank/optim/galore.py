@@ -96,6 +96,10 @@ __all__ = ["SIDES", "GaLoreAdamW", "Refresh", "galore_groups", "leading_subspace
 
 PROJECTORS = ("svd", "dct", "random")
 RESIDUALS = (None, "fira", "sgd", "signsgd")
+# The projector's options: one projector serves every group, so they are the optimizer's.
+OPTIMIZER_OPTIONS = ("svd", "n_iter", "warm_iter", "oversample", "seed", "projection",
+                     "projector", "projector_bits", "group_size", "lazy_refresh",
+                     "cos_threshold", "queue_size", "refresh_growth")  # fmt: skip
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -375,7 +379,12 @@ def check_svd_options_unused(svd: str, n_iter: int, warm_iter: int, oversample: 
 
 
 def _check_hyperparameters(group: dict) -> None:
-    """Checks a group's AdamW options (``lr`` a number or a 0-dim real tensor)."""
+    """Checks a group's AdamW options (``lr`` a number or a 0-dim real tensor), and that it
+    holds none of the projector's options, which only the optimizer takes."""
+    misplaced = [key for key in OPTIMIZER_OPTIONS if key in group]
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)}: the projector's options apply to every group; "
+                         f"give them to GaLoreAdamW, not to a group")  # fmt: skip
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
         if lr.dim() != 0 or not lr.is_floating_point():
