@@ -235,6 +235,13 @@ def test_calibration_errors():
         convert(Toy(), "lowrank", rank=2, calibration=[], progress=False)
     with pytest.raises(TypeError, match="iterable"):
         convert(Toy(), "lowrank", rank=2, calibration=3, progress=False)
+    # one batch for model(*batch), or two batches? refused, the model left as it was
+    model = Toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"tuple of 2 tensors.*Pass a list"):
+        convert(model, "lowrank", rank=2, calibration=(ids(seed=1), ids(seed=2)), progress=False)
+    assert all(isinstance(m, nn.Linear) for m in (model.get_submodule(n) for n in LINEARS))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     model = Toy()
     model.unused = nn.Linear(D, D)
     with pytest.raises(ValueError, match="never reached"):

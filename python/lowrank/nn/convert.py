@@ -373,8 +373,17 @@ def _freeze_all_but(model: nn.Module, layers: list[nn.Module]) -> None:
 
 
 def _materialise(calibration) -> list:
+    """The calibration batches as a list: a tensor or a mapping is one batch, any other
+    iterable holds batches. A tuple of tensors is refused: it reads as one batch for
+    ``model(*batch)`` as readily as several batches, and the wrong reading would collect
+    wrong statistics without a sign."""
     if isinstance(calibration, (torch.Tensor, Mapping)):
         return [calibration]  # one batch
+    if (isinstance(calibration, tuple) and calibration
+            and all(isinstance(b, torch.Tensor) for b in calibration)):  # fmt: skip
+        raise ValueError(f"calibration is a tuple of {len(calibration)} tensors: one batch for "
+                         "model(*batch), or that many batches? Pass a list: [batch] for one "
+                         "batch, or list(batches)")  # fmt: skip
     try:
         batches = list(calibration)
     except TypeError:
