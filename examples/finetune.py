@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -98,11 +99,18 @@ def corpus(max_bytes: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
     return {d: {s: as_tensor(parts) for s, parts in splits.items()} for d, splits in chunks.items()}
 
 
-def batch(data: torch.Tensor, size: int, context: int, generator: torch.Generator):
-    """``size`` random windows of ``context + 1`` bytes: (inputs, next-byte targets)."""
-    starts = torch.randint(0, len(data) - context - 1, (size,), generator=generator)
-    rows = torch.stack([data[s : s + context + 1] for s in starts.tolist()])
-    return rows[:, :-1], rows[:, 1:]
+def _small_lm_example():
+    """``train_small_lm.py`` next to this file: its byte windows and its decoder."""
+    path = Path(__file__).resolve().with_name("train_small_lm.py")
+    spec = importlib.util.spec_from_file_location("train_small_lm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+small_lm = _small_lm_example()
+#: ``size`` random windows of ``context + 1`` bytes: (inputs, next-byte targets)
+batch = small_lm.batch
 
 
 def fixed_batches(data, count, size, context, seed) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -114,61 +122,17 @@ def fixed_batches(data, count, size, context, seed) -> list[tuple[torch.Tensor, 
 # ---- the model ----------------------------------------------------------------------------------
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(width))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * self.weight
-
-
-class Block(nn.Module):
-    """Pre-norm attention and SwiGLU MLP; seven linear layers without bias."""
-
-    def __init__(self, width: int, heads: int, mlp: int):
-        super().__init__()
-        self.heads = heads
-        self.attn_norm, self.mlp_norm = RMSNorm(width), RMSNorm(width)
-        self.q, self.k, self.v, self.o = (nn.Linear(width, width, bias=False) for _ in range(4))
-        self.gate = nn.Linear(width, mlp, bias=False)
-        self.up = nn.Linear(width, mlp, bias=False)
-        self.down = nn.Linear(mlp, width, bias=False)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        h = self.attn_norm(x)
-
-        def split(z):
-            return z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-
-        att = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)),
-                                             split(self.v(h)), is_causal=True)  # fmt: skip
-        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
-        h = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
-
-
-class TinyLM(nn.Module):
-    """A LLaMA-style byte-level decoder."""
+class TinyLM(small_lm.TinyLM):
+    """The small-LM comparison's LLaMA-style byte-level decoder (pre-norm attention and a
+    SwiGLU MLP per block; seven ``nn.Linear`` layers without bias)."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp: int, context: int):
-        super().__init__()
-        self.embed = nn.Embedding(256, width)
-        self.position = nn.Parameter(torch.zeros(context, width))
-        self.blocks = nn.ModuleList(Block(width, heads, mlp) for _ in range(layers))
-        self.norm = RMSNorm(width)
-        self.head = nn.Linear(width, 256, bias=False)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.normal_(self.head.weight, std=0.02)
+        super().__init__(256, width, layers, heads, mlp, context)
 
     def forward(self, tokens, targets=None):
         """The logits, or with ``targets`` the mean next-byte cross-entropy (nats per
         byte; so ``model(*batch)`` is the loss, as calibration-driven inits expect)."""
-        x = self.embed(tokens) + self.position[: tokens.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.norm(x))
+        logits = super().forward(tokens)
         if targets is None:
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
