@@ -24,14 +24,11 @@ import copy
 import importlib.util
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-import lowrank
 from lowrank.nn import compensate
 
 
@@ -165,14 +162,7 @@ def main(argv=None) -> dict:
         "model": "all-MiniLM-L6-v2",
         "sentences": {"calibration": n_cal, "evaluation": n_eval, "batch": batch_size},
         "linear_weight_params": report.weight_params,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "threads": torch.get_num_threads(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "lowrank": lowrank.__version__,
-        },
+        "machine": helpers.machine(),
         "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)

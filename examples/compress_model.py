@@ -113,6 +113,18 @@ def linear_params(model) -> int:
     return total
 
 
+def machine() -> dict:
+    """What the numbers were measured on: platform, processor, threads and versions."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "lowrank": lowrank.__version__,
+    }
+
+
 def time_batch(model, batch: dict, repeats: int) -> float:
     """Median seconds of one forward pass over ``batch`` (after a warm-up call)."""
     with torch.no_grad():
@@ -203,14 +215,7 @@ def main(argv=None) -> dict:
     result = {
         "model": "all-MiniLM-L6-v2",
         "sentences": {"calibration": n_cal, "evaluation": n_eval, "batch": batch_size},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "threads": torch.get_num_threads(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "lowrank": lowrank.__version__,
-        },
+        "machine": machine(),
         "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)
