@@ -1,4 +1,5 @@
-"""Shared test fixtures: devices, poisoned outputs, hypothesis profiles."""
+"""Shared test fixtures: devices, poisoned outputs, hypothesis profiles, the adapters' toy
+model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank import _native
@@ -91,3 +93,21 @@ class RecordShapes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.shapes.append(tuple(t.shape))
         return out
+
+
+class Toy(nn.Module):
+    """The adapters' toy model: ``a`` (16 -> 24), tanh, ``b`` (24 -> 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 24)
+        self.b = nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def toy(dtype=torch.float32) -> Toy:
+    """A :class:`Toy` seeded with 0, in ``dtype``."""
+    torch.manual_seed(0)
+    return Toy().to(dtype)

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import RecordShapes, relative_error
+from conftest import RecordShapes, Toy, relative_error, toy
 from torch import nn
 
 from lowrank.nn import LoRAAdapter, convert, unconvert
@@ -16,21 +16,6 @@ from lowrank.nn.calibration import InputStats, input_statistics
 from lowrank.nn.lora import INITS, eva_ranks, peft_state, save_peft
 
 peft = pytest.importorskip("peft")
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(16, 24)
-        self.b = nn.Linear(24, 8)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
-
-
-def toy(dtype=torch.float32) -> Toy:
-    torch.manual_seed(0)
-    return Toy().to(dtype)
 
 
 def inputs(n=64, width=16, dtype=torch.float32, seed=1):

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import RecordShapes, relative_error
+from conftest import RecordShapes, Toy, relative_error, toy
 from torch import nn
 
 from lowrank.nn import SVDAdapter, convert, load, save, unconvert
@@ -35,21 +35,6 @@ peft = pytest.importorskip("peft")
 KINDS = ("lora_xs", "lora_sb", "sorsa", "svfit", "loldu")
 TRAINABLE = {"lora_xs": {"C"}, "lora_sb": {"C"}, "sorsa": {"B", "C", "A"}, "svfit": {"C"},
              "loldu": {"C", "scale"}}  # fmt: skip
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(16, 24)
-        self.b = nn.Linear(24, 8)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
-
-
-def toy(dtype=torch.float32) -> Toy:
-    torch.manual_seed(0)
-    return Toy().to(dtype)
 
 
 def inputs(n=32, width=16, dtype=torch.float32, seed=1):
